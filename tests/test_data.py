@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
+
+
+class CharTokenizer:
+    """Maps every character to its code point; returns HF-style {"input_ids": [1, N]}."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+
+def test_read_text_local_file_is_verbatim(tmp_path):
+    text = " = Title = \n\n Some text , with @-@ odd spacing \n"
+    path = tmp_path / "corpus.raw"
+    path.write_text(text, encoding="utf-8")
+    assert read_text(path) == text
+    assert read_text(str(path)) == text
+
+
+def test_read_text_hf_without_datasets_is_clear():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="datasets"):
+            read_text("hf://wikitext/wikitext-2-raw-v1/test")
+    with pytest.raises(ValueError, match="hf://"):
+        read_text("hf://wikitext/test")
+
+
+def test_tokenize_whole_text_once():
+    ids = tokenize(CharTokenizer(), "abc")
+    assert ids.dtype == torch.long and ids.tolist() == [97, 98, 99]
+
+
+def test_eval_windows_non_overlapping_and_limit():
+    ids = torch.arange(23)
+    w = eval_windows(ids, 5)
+    assert w.shape == (4, 5) and w.dtype == torch.long
+    assert torch.equal(w.reshape(-1), torch.arange(20))
+    assert torch.equal(eval_windows(ids, 5, limit=2), w[:2])
+
+
+def test_eval_windows_too_short():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        eval_windows(torch.arange(4), 5)
+    with pytest.raises(ValueError, match="asked for 5"):
+        eval_windows(torch.arange(23), 5, limit=5)
+
+
+def test_calibration_windows_seeded_and_contiguous():
+    ids = torch.arange(1000)
+    a = calibration_windows(ids, 16, 32, seed=3)
+    b = calibration_windows(ids, 16, 32, seed=3)
+    c = calibration_windows(ids, 16, 32, seed=4)
+    assert a.shape == (16, 32) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 1:] - a[:, :-1] == 1).all()  # each window is a contiguous slice
+    assert a.min() >= 0 and a.max() < 1000
+
+
+def test_calibration_windows_can_start_anywhere_including_the_last_start():
+    ids = torch.arange(6)
+    starts = calibration_windows(ids, 200, 5, seed=0)[:, 0]
+    assert set(starts.tolist()) == {0, 1}
+
+
+def test_calibration_windows_too_short():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        calibration_windows(torch.arange(4), 2, 5, seed=0)
