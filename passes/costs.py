@@ -1,0 +1,68 @@
+"""Closed-form pruning costs under a Kronecker-factored curvature F = G ⊗ A.
+
+Layer matrix W (out, in'), θ = vec(W) row-major, so (G ⊗ A) θ = vec(G W A).  Removing the weights selected by
+E (Eθ → 0) with the optimal compensating update of all others costs
+
+    L = ½ (Eθ)ᵀ (E F⁻¹ Eᵀ)⁻¹ (Eθ),        F⁻¹ = G⁻¹ ⊗ A⁻¹.
+
+Specialisations used here (all exact for the given F):
+
+* one element (i, j):        L = W_ij² / (2 [G⁻¹]_ii [A⁻¹]_jj)
+* a block R of whole rows:   L = ½ tr((G⁻¹_RR)⁻¹ W_R A W_Rᵀ)       (E F⁻¹ Eᵀ = G⁻¹_RR ⊗ A⁻¹)
+* a block C of whole columns: L = ½ tr((A⁻¹_CC)⁻¹ W_Cᵀ G W_C)      (E F⁻¹ Eᵀ = G⁻¹ ⊗ A⁻¹_CC)
+
+`unit_costs` sums the block costs of a structured unit over every layer it touches (each block priced alone).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from passes.baselines import LayerCurvature
+from passes.blocks import UnitBlocks
+
+
+def element_costs(W: Tensor, ginv_diag: Tensor, ainv_diag: Tensor) -> Tensor:
+    """[out, in] costs W_ij² / (2 [G⁻¹]_ii [A⁻¹]_jj); W may be the first `in` columns of an (out, in') matrix."""
+    return W.square() / (2.0 * ginv_diag[:, None] * ainv_diag[None, : W.shape[1]])
+
+
+def row_block_costs(W: Tensor, A: Tensor, Ginv: Tensor, blocks: Tensor) -> Tensor:
+    """[U] costs ½ tr((G⁻¹_RR)⁻¹ W_R A W_Rᵀ) for row blocks `blocks` [U, k] of W (out, in')."""
+    WA = W @ A
+    S = WA[blocks] @ W[blocks].transpose(1, 2)  # [U, k, k] = W_R A W_Rᵀ
+    C = Ginv[blocks[:, :, None], blocks[:, None, :]]  # [U, k, k] = G⁻¹_RR
+    return 0.5 * torch.linalg.solve(C, S).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def col_block_costs(W: Tensor, G: Tensor, Ainv: Tensor, blocks: Tensor) -> Tensor:
+    """[U] costs ½ tr((A⁻¹_CC)⁻¹ W_Cᵀ G W_C) for column blocks `blocks` [U, k] of W (out, in')."""
+    Wt, GWt = W.t(), (G @ W).t()
+    S = Wt[blocks] @ GWt[blocks].transpose(1, 2)  # [U, k, k] = W_Cᵀ G W_C
+    C = Ainv[blocks[:, :, None], blocks[:, None, :]]  # [U, k, k] = A⁻¹_CC
+    return 0.5 * torch.linalg.solve(C, S).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def unit_costs(units: list[UnitBlocks], layers: dict[str, tuple[Tensor, LayerCurvature]]) -> Tensor:
+    """[U] cost of each unit: Σ over layers of its row-block cost plus its column-block cost.
+
+    layers: name → (W (out, in') float64, curvature with A, G, A_inv, G_inv).  Units with equal-sized blocks in a
+    layer are priced in one batched solve.  A unit holding both rows and columns of one layer is priced as the
+    sum of the two block costs (their shared entries counted twice).
+    """
+    total = torch.zeros(len(units), dtype=torch.float64)
+    for side in ("rows", "cols"):
+        buckets: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
+        for u, blocks in enumerate(units):
+            for name, idx in getattr(blocks, side).items():
+                buckets.setdefault((name, idx.numel()), []).append((u, idx))
+        for (name, _), items in buckets.items():
+            W, curv = layers[name]
+            who = torch.tensor([u for u, _ in items])
+            blocks = torch.stack([idx for _, idx in items])
+            if side == "rows":
+                c = row_block_costs(W, curv.A, curv.G_inv, blocks)
+            else:
+                c = col_block_costs(W, curv.G, curv.A_inv, blocks)
+            total.index_add_(0, who, c.to(torch.float64))
+    return total

@@ -1,0 +1,325 @@
+"""The LLM Surgeon multi-shot driver: curvature → costs → global selection → correlated update, T times.
+
+Shot t = 1..T (targets from `threshold.shot_targets`, linear from 1 to `target`):
+
+1. re-estimate the curvature of the current (already pruned and updated) model with `collect_curvature`;
+2. damp and invert each factor once (`baselines.layer_curvature`; the method picks KFAC or a baseline);
+3. price every candidate (`costs`): weights (unstructured, N:M) or units of the groups (structured);
+4. select: a global threshold on raw costs (unstructured), per-block N:M (semi-structured, the M−N removed
+   per block grow linearly with t), cheapest units per removed parameter (structured, `threshold.select_units`);
+5. update the remaining weights (`update`), with earlier removals kept as constraints, and re-apply every mask
+   so removed weights stay exactly zero;
+6. optionally train and absorb masked low-rank corrections (`lora`);
+7. checkpoint the whole state atomically; a run started again with the same `checkpoint_dir` and config
+   resumes after the last finished shot and ends bitwise identical to an uninterrupted run.
+
+Targets are fractions of *prunable* parameters kept by default (`target_of="prunable"`: the weights of the
+pruned layers, or for structured pruning every parameter the groups touch); `target_of="all"` counts every
+parameter of the model, the non-prunable ones as always kept.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from passes.baselines import is_diagonal, layer_curvature, needs_data
+from passes.blocks import from_matrix, layer_kind, read_matrix, to_matrix, unit_blocks, write_matrix
+from passes.costs import element_costs, unit_costs
+from passes.curvature import collect_kfac, default_layers
+from passes.lora import lora_correct
+from passes.threshold import global_masks, nm_removed, select_units, shot_targets
+from passes.update import remove_rows_cols, rowwise_update
+from surgeon_fx.groups import Group
+
+STRUCTURES = ("unstructured", "2:4", "4:8", "n:m", "structured")
+CHECKPOINT = "surgeon_state.pt"
+
+
+@dataclass
+class SurgeonConfig:
+    """What to prune and how.
+
+    structure: "unstructured" | "2:4" | "4:8" | "n:m" (with `nm=(n, m)`) | "structured" (needs groups).
+    target: fraction kept at the end (ignored for N:M, where it is n/m); shots: T; schedule: "linear".
+    curvature: "kfac" (LLM Surgeon) | "identity" (magnitude) | "diag_a" (L-OBD) | "diag_ga" (K-OBD).
+    update: "correlated" | "none" (baselines have diagonal curvature: their correlated update is zeroing).
+    damp_a / damp_g: relative damping (× mean diagonal); damp_g None → 0.1 for unstructured and N:M, 0.01
+    for structured (the paper's defaults).  target_of: "prunable" | "all".  per_param: rank structured units
+    by cost per removed parameter (True) or by raw cost.  lora_rank 0 = no low-rank corrections.
+    """
+
+    structure: str = "unstructured"
+    target: float = 0.5
+    shots: int = 5
+    schedule: str = "linear"
+    curvature: str = "kfac"
+    update: str = "correlated"
+    damp_a: float = 0.01
+    damp_g: float | None = None
+    nm: tuple[int, int] | None = None
+    target_of: str = "prunable"
+    per_param: bool = True
+    lora_rank: int = 0
+    lora_steps: int = 20
+    lora_lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, not {self.structure!r}")
+        if self.structure == "n:m" and self.nm is None:
+            raise ValueError("structure 'n:m' needs nm=(n, m)")
+        if self.update not in ("correlated", "none"):
+            raise ValueError(f"update must be 'correlated' or 'none', not {self.update!r}")
+        if self.target_of not in ("prunable", "all"):
+            raise ValueError(f"target_of must be 'prunable' or 'all', not {self.target_of!r}")
+        needs_data(self.curvature)
+        shot_targets(self.target, self.shots, self.schedule)
+
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """(n, m) for semi-structured pruning, else None."""
+        if self.structure == "n:m":
+            return tuple(self.nm)
+        return {"2:4": (2, 4), "4:8": (4, 8)}.get(self.structure)
+
+    def g_damping(self) -> float:
+        return self.damp_g if self.damp_g is not None else (0.01 if self.structure == "structured" else 0.1)
+
+
+@dataclass
+class ShotLog:
+    """One shot: target and achieved kept fractions, summed estimated cost of what it removed, seconds."""
+
+    shot: int
+    target: float
+    achieved: float
+    cost: float
+    seconds: float
+    lora_loss: tuple[float, float] | None = None
+
+
+@dataclass
+class PruneResult:
+    """masks: param name → bool keep-mask (storage shape); removed: group → removed unit indices (structured);
+    logs: one per shot; kept: layer name → kept fraction of its weight."""
+
+    masks: dict[str, Tensor]
+    removed: dict[str, list[int]]
+    logs: list[ShotLog]
+    kept: dict[str, float]
+
+
+@dataclass
+class _State:
+    shot: int
+    masks: dict[str, Tensor]
+    removed: dict[str, list[int]]
+    logs: list[ShotLog] = field(default_factory=list)
+
+
+def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, config: SurgeonConfig,
+          collect_curvature: Callable[[nn.Module, Tensor], dict] | None = None,
+          checkpoint_dir: str | os.PathLike | None = None,
+          progress: Callable[[ShotLog], None] | None = None) -> PruneResult:
+    """Prune `model` in place in `config.shots` shots; see the module docstring.
+
+    groups: required for structure "structured" (ignored otherwise).  collect_curvature(model, windows) →
+    {layer name: KronFactors}; default `collect_kfac` on the pruned layers.  The global torch RNG is forked:
+    the caller's RNG state is unchanged.
+    """
+    structured = config.structure == "structured"
+    if structured and not groups:
+        raise ValueError("structured pruning needs the groups of the dependency graph")
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    layers = _layers(model, groups if structured else None)
+    collect = collect_curvature or partial(collect_kfac, layers=layers)
+    if structured:
+        curved = set(layers)
+        blocks = {g.name: [unit_blocks(u, modules, curved) for u in g.units] for g in groups}
+        shapes = {n: p.shape for n, p in params.items()}
+        sizes = {g.name: [u.numel(shapes) for u in g.units] for g in groups}
+        prunable = sorted({p for g in groups for p in g.params() if p in params})
+    else:
+        prunable = [f"{name}.weight" for name in layers]
+    n_prunable = sum(params[n].numel() for n in prunable)
+    n_fixed = sum(p.numel() for p in model.parameters()) - n_prunable if config.target_of == "all" else 0
+    targets = shot_targets(config.target, config.shots, config.schedule)
+
+    state = _State(0, {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable},
+                   {g.name: [] for g in groups} if structured else {})
+    path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    rng = _resume(path, model, config, state) if path is not None and path.exists() else None
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        for t in range(state.shot, config.shots):
+            start = time.perf_counter()
+            factors = collect(model, calib_windows) if needs_data(config.curvature) else {}
+            curv = {name: _curvature(modules[name], factors.get(name), config, name) for name in layers}
+            kept_target = round(targets[t] * (n_prunable + n_fixed)) - n_fixed
+            if structured:
+                cost, target = _structured_shot(modules, layers, curv, groups, blocks, sizes, state, config,
+                                                kept_target), targets[t]
+            else:
+                cost, nm_target = _sparse_shot(modules, layers, curv, state, config, t, n_prunable - kept_target)
+                target = targets[t] if nm_target is None else nm_target
+            _apply_masks(params, state.masks)
+            lora = None
+            if config.lora_rank > 0:
+                losses = lora_correct(model, calib_windows, [n for n in layers if layer_kind(modules[n]) != "conv2d"],
+                                      state.masks, config.lora_rank, config.lora_steps, config.lora_lr,
+                                      seed=config.seed + t)
+                lora = (losses[0], losses[-1]) if losses else None
+            kept = sum(int(m.sum()) for m in state.masks.values())
+            log = ShotLog(t + 1, target, (kept + n_fixed) / (n_prunable + n_fixed), cost,
+                          time.perf_counter() - start, lora)
+            state.logs.append(log)
+            state.shot = t + 1
+            if path is not None:
+                _checkpoint(path, model, config, state)
+            if progress is not None:
+                progress(log)
+    kept_frac = {name: float(state.masks[f"{name}.weight"].float().mean()) if f"{name}.weight" in state.masks
+                 else 1.0 for name in layers}
+    return PruneResult({n: m.clone() for n, m in state.masks.items()},
+                       {g: sorted(v) for g, v in state.removed.items()}, state.logs, kept_frac)
+
+
+def _layers(model: nn.Module, groups: list[Group] | None) -> list[str]:
+    """Layers that get curvature: `default_layers` (no output head, no tied embedding); for structured pruning
+    only those whose weight or bias some group touches."""
+    layers = default_layers(model)
+    if groups is None:
+        return layers
+    touched = {p.rpartition(".")[0] for g in groups for p in g.params()}
+    return [name for name in layers if name in touched]
+
+
+def _curvature(module: nn.Module, factors, config: SurgeonConfig, name: str):
+    """Damped curvature of one layer for the configured method."""
+    M = to_matrix(module, module.weight, module.bias)
+    return layer_curvature(config.curvature, M.shape[0], M.shape[1], factors, config.damp_a,
+                           config.g_damping(), name)
+
+
+def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t: int, n_remove: int):
+    """Unstructured / N:M shot: select weights, update, store masks.
+
+    Returns (estimated cost of the removed weights, kept fraction n_keep/m of this N:M shot or None)."""
+    costs, before = {}, {}
+    for name in layers:
+        m, c = modules[name], curv[name]
+        W = to_matrix(m, m.weight.detach(), None).to(torch.float64)
+        costs[name] = element_costs(W, c.G_inv.diagonal(), c.A_inv.diagonal())
+        before[name] = ~to_matrix(m, state.masks[f"{name}.weight"], None)
+    pattern = config.nm_pattern()
+    if pattern is None:
+        after = global_masks(costs, before, n_remove)
+        target = None
+    else:
+        n, mm = pattern
+        n_keep = mm - round((mm - n) * (t + 1) / config.shots)
+        for name in layers:
+            if costs[name].shape[1] % mm:
+                raise ValueError(f"layer {name!r} has {costs[name].shape[1]} inputs, not a multiple of {mm}")
+        after = {name: nm_removed(costs[name], before[name], n_keep, mm) for name in layers}
+        target = n_keep / mm
+    cost = 0.0
+    for name in layers:
+        m = modules[name]
+        cost += float(costs[name][after[name] & ~before[name]].sum())
+        M = read_matrix(m)
+        removed = torch.zeros_like(M, dtype=torch.bool)
+        removed[:, : after[name].shape[1]] = after[name]
+        if config.update == "correlated" and not is_diagonal(config.curvature):
+            M = rowwise_update(M, curv[name].A_inv, removed)
+        else:
+            M = M.masked_fill(removed, 0.0)
+        write_matrix(m, M)
+        state.masks[f"{name}.weight"] = from_matrix(m, ~removed)[0]
+    return cost, target
+
+
+def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State, config: SurgeonConfig,
+                     kept_target: int) -> float:
+    """Structured shot: price units, select, update the layers jointly, mask every slice.  Returns the cost."""
+    mats = {name: (read_matrix(modules[name]), curv[name]) for name in layers}
+    costs, scores = {}, {}
+    for g in groups:
+        costs[g.name] = unit_costs(blocks[g.name], mats)
+        size = torch.tensor(sizes[g.name], dtype=torch.float64).clamp_min(1)
+        scores[g.name] = costs[g.name] / size if config.per_param else costs[g.name]
+    kept_now = sum(int(m.sum()) for m in state.masks.values())
+    new = select_units(scores, sizes, {g: set(v) for g, v in state.removed.items()}, kept_now - kept_target,
+                       {g.name: g.min_keep for g in groups}, {g.name: getattr(g, "multiple", 1) for g in groups})
+    cost = sum(float(costs[g][u]) for g, units in new.items() for u in units)
+    for g in groups:
+        state.removed[g.name].extend(new[g.name])
+        for u in new[g.name]:
+            for s in g.units[u].slices:
+                if s.param in state.masks:
+                    state.masks[s.param].index_fill_(s.dim, s.index, False)
+    for name in layers:
+        rows, cols = _removed_blocks(name, groups, blocks, state.removed)
+        if not rows.numel() and not cols.numel():
+            continue
+        M, c = mats[name]
+        if config.update == "correlated" and not is_diagonal(config.curvature):
+            M = remove_rows_cols(M, c.G_inv, c.A_inv, rows, cols)
+        else:
+            M = M.clone()
+            M[rows] = 0
+            M[:, cols] = 0
+        write_matrix(modules[name], M)
+    return cost
+
+
+def _removed_blocks(name: str, groups, blocks, removed) -> tuple[Tensor, Tensor]:
+    """Union of the rows and of the columns of layer `name` held by every removed unit."""
+    rows, cols = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for g in groups:
+        for u in removed[g.name]:
+            b = blocks[g.name][u]
+            if name in b.rows:
+                rows.append(b.rows[name])
+            if name in b.cols:
+                cols.append(b.cols[name])
+    return torch.unique(torch.cat(rows)), torch.unique(torch.cat(cols))
+
+
+@torch.no_grad()
+def _apply_masks(params: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+    for name, keep in masks.items():
+        params[name].mul_(keep)
+
+
+def _checkpoint(path: Path, model: nn.Module, config: SurgeonConfig, state: _State) -> None:
+    """Write the state after a finished shot to a temporary file, then rename it over `path` (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": asdict(config), "shot": state.shot, "model": model.state_dict(), "masks": state.masks,
+                "removed": state.removed, "logs": [asdict(log) for log in state.logs],
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, model: nn.Module, config: SurgeonConfig, state: _State) -> Tensor:
+    """Load a checkpoint into `model` and `state`; returns the saved RNG state."""
+    ck = torch.load(path, weights_only=True)
+    if ck["config"] != asdict(config):
+        raise ValueError(f"checkpoint {path} was written with a different config: {ck['config']}")
+    model.load_state_dict(ck["model"])
+    state.shot, state.masks, state.removed = ck["shot"], ck["masks"], ck["removed"]
+    state.logs = [ShotLog(**{**log, "lora_loss": tuple(log["lora_loss"]) if log["lora_loss"] else None})
+                  for log in ck["logs"]]
+    return ck["rng"]
