@@ -106,7 +106,8 @@ def nearest_kron(grads: Tensor | GradSource, rank: int = 1, iters: int = 20, ini
     init: (G0, A0) warm start of the first component (e.g. classic KFAC); without it A0 = I.  The first
     half-step updates A from G0 (or G from A0 = I), then G and A alternate for `iters` full steps or until the
     relative change of G ⊗ A is below `tol`.  Later components use deflation (F minus the earlier ones) and
-    start from A = I plus a small deterministic symmetric perturbation.
+    start from A = I plus a small deterministic non-symmetric perturbation (a later component of the optimal sum
+may pair antisymmetric factors, which a symmetric start could never reach).
     Returns [(G_r [out, out], A_r [in', in'])], the least-squares pair for each component.
     """
     src = _as_source(grads)
@@ -122,8 +123,7 @@ def nearest_kron(grads: Tensor | GradSource, rank: int = 1, iters: int = 20, ini
             G = init[0].to(**opts)
             A = _deflated(apply_ra, src, G, comps, "A", norm) / (G * G).sum()
         else:
-            noise = torch.randn(in_dim, in_dim, generator=gen).to(**opts) * 1e-3
-            A = torch.eye(in_dim, **opts) + noise + noise.T
+            A = torch.eye(in_dim, **opts) + 1e-2 * torch.randn(in_dim, in_dim, generator=gen).to(**opts)
             G = torch.zeros(out_dim, out_dim, **opts)
         for _ in range(iters):
             G_old, A_old = G, A
