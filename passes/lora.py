@@ -66,7 +66,7 @@ def lora_correct(model: nn.Module, windows: Tensor, layers: list[str], masks: di
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         for h in hooks:
             h.remove()

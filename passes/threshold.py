@@ -19,12 +19,12 @@ from passes.nm import nm_mask
 
 
 def shot_targets(target: float, shots: int, schedule: str = "linear") -> list[float]:
-    """Fraction kept after each shot t = 1..T; "linear": 1 − (1 − target)·t/T (the last equals `target`)."""
+    """Fraction kept after each shot t = 1..T; "linear": target + (1 − target)·(T − t)/T (the last is `target`)."""
     if schedule != "linear":
         raise ValueError(f"unknown schedule {schedule!r} (only 'linear')")
     if shots < 1 or not 0.0 < target <= 1.0:
         raise ValueError(f"need shots ≥ 1 and 0 < target ≤ 1, got {shots}, {target}")
-    return [1.0 - (1.0 - target) * t / shots for t in range(1, shots + 1)]
+    return [target + (1.0 - target) * (shots - t) / shots for t in range(1, shots + 1)]
 
 
 def global_masks(costs: dict[str, Tensor], removed: dict[str, Tensor], n_remove: int) -> dict[str, Tensor]:
