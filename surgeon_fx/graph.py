@@ -43,6 +43,7 @@ class Builder:
         self.dims: dict[str, object] = {}
         self.links = nx.MultiGraph()
         self.sites: list[AttentionSite] = []
+        self.repeats: list[int] = []  # spaces made by broadcasting (expand/repeat): GQA's query-per-kv factor
         self.sliceable = sliceable
         self.unknown_ops: dict[str, str] = {}
 
@@ -128,6 +129,10 @@ class Builder:
         return False
 
     def attention_site(self, node, head_space: int | None) -> None:
+        module = self.traced.module_of.get(node.name, "")
+        if any(s.module == module and s.head_space is not None and head_space is not None
+               and self.spaces.find(s.head_space) == self.spaces.find(head_space) for s in self.sites):
+            return
         self.sites.append(AttentionSite(self.traced.module_of.get(node.name, ""), node.name, head_space))
 
     # -- the walk ---------------------------------------------------------------------------------------
@@ -215,6 +220,7 @@ class DependencyGraph:
     links: nx.MultiGraph
     groups: list[Group]
     sites: list[AttentionSite]
+    repeats: list[int]
     param_shapes: dict[str, torch.Size]
     unknown_ops: dict[str, str] = field(default_factory=dict)
     group_space: dict[str, int] = field(default_factory=dict)  # group name -> its leaf space
@@ -225,20 +231,29 @@ class DependencyGraph:
                 return g
         raise KeyError(f"no group named {name!r}; groups: {[g.name for g in self.groups][:8]}...")
 
+    def site_leaves(self, site: AttentionSite) -> list[tuple[int, bool]]:
+        """The leaf spaces of an attention's query-head space, each with whether it is a repeat factor."""
+        reps = {self.spaces.find(r) for r in self.repeats}
+        return [(self.spaces.find(l), self.spaces.find(l) in reps)
+                for l, _ in self.spaces.leaf_coords(site.head_space)]
+
     def head_counts(self, removed: dict[str, list[int]]) -> dict[str, tuple[int, int, int, int]]:
-        """Per attention module: (heads, kv heads) before and after removing `removed` units."""
-        kept_of = {self.spaces.find(self.group_space[n]): self.spaces.size[self.spaces.find(self.group_space[n])]
-                   - len(set(units)) for n, units in removed.items() if n in self.group_space}
+        """Per attention module: (heads, kv heads) before and (heads, kv heads) after removing `removed`."""
+        kept_of = {}
+        for n, units in removed.items():
+            if n in self.group_space:
+                leaf = self.spaces.find(self.group_space[n])
+                kept_of[leaf] = self.spaces.size[leaf] - len(set(units))
         out = {}
         for s in self.sites:
             if s.head_space is None:
                 continue
-            leaves = [self.spaces.find(l) for l, _ in self.spaces.leaf_coords(s.head_space)]
-            before = [self.spaces.size[l] for l in leaves]
-            after = [kept_of.get(l, n) for l, n in zip(leaves, before)]
-            kv_before, kv_after = (before[0], after[0]) if len(leaves) == 2 else (int(np.prod(before)),
-                                                                                   int(np.prod(after)))
-            out[s.module] = (int(np.prod(before)), kv_before, int(np.prod(after)), kv_after)
+            leaves = self.site_leaves(s)
+            before = [self.spaces.size[l] for l, _ in leaves]
+            after = [kept_of.get(l, n) for (l, _), n in zip(leaves, before)]
+            kv_b = int(np.prod([n for n, (_, rep) in zip(before, leaves) if not rep]))
+            kv_a = int(np.prod([n for n, (_, rep) in zip(after, leaves) if not rep]))
+            out[s.module] = (int(np.prod(before)), kv_b, int(np.prod(after)), kv_a)
         return out
 
     def param_dims(self, param: str) -> Dims:
@@ -269,9 +284,10 @@ class DependencyGraph:
         for s in self.sites:
             if s.head_space is None:
                 continue
-            sizes = [self.spaces.size[l] for l, _ in self.spaces.leaf_coords(s.head_space)]
-            h = int(np.prod(sizes))
-            desc = f"{h} query heads" + (f" = {sizes[0]} KV heads × {sizes[1]} query heads each" if len(sizes) == 2 else "")
+            leaves = self.site_leaves(s)
+            h = int(np.prod([self.spaces.size[l] for l, _ in leaves]))
+            kv = int(np.prod([self.spaces.size[l] for l, rep in leaves if not rep]))
+            desc = f"{h} query heads" + (f" = {kv} KV heads × {h // kv} query heads each" if kv < h else "")
             lines.append(f"  attention {s.module}: {desc}")
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.unknown_ops.items():
@@ -327,12 +343,14 @@ def extract_groups(model: nn.Module, b: Builder) -> tuple[list[Group], dict[str,
                     continue
                 occ.setdefault(leaf, []).append((pname, d, coords))
     head_kind: dict[int, tuple[str, str]] = {}
+    reps = {sp.find(r) for r in b.repeats}
     for s in b.sites:
         if s.head_space is None:
             continue
-        leaves = [l for l, _ in sp.leaf_coords(s.head_space)]
-        for i, l in enumerate(leaves):
-            kind = "kv_heads" if len(leaves) == 2 and i == 0 else "heads"
+        leaves = [sp.find(l) for l, _ in sp.leaf_coords(s.head_space)]
+        grouped = any(l in reps for l in leaves) and not all(l in reps for l in leaves)
+        for l in leaves:
+            kind = "kv_heads" if grouped and l not in reps else "heads"
             head_kind.setdefault(l, (kind, s.module))
     groups, used, space_of = [], set(), {}
     for leaf, items in occ.items():
@@ -383,5 +401,5 @@ def build_graph(model: nn.Module, example_inputs: tuple, traced: Traced | None =
     groups, space_of = extract_groups(model, b)
     shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
     shapes.update({n: t.shape for n, t in model.named_buffers(remove_duplicate=False)})
-    return DependencyGraph(traced, b.spaces, b.dims, b.links, groups, b.sites, shapes, b.unknown_ops,
+    return DependencyGraph(traced, b.spaces, b.dims, b.links, groups, b.sites, b.repeats, shapes, b.unknown_ops,
                            space_of)

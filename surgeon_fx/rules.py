@@ -219,6 +219,8 @@ def matmul(b, node, args):
         for op in (a, c, out):
             for d in op[-2:]:
                 b.freeze(d, node, "activation matmul")
+        if len(out) >= 4:
+            b.attention_site(node, out[-3])
     return out
 
 
@@ -388,6 +390,8 @@ def expand(b, node, args):
     for i in range(len(src)):
         if src[i] == dst[i + off]:
             b.union(x[i], out[i + off], node)
+        else:
+            b.repeats.append(out[i + off])
     return out
 
 
@@ -405,6 +409,7 @@ def repeat(b, node, args):
         elif src[i] != 1:
             kids = b.spaces.refine(out[i + off], "prod", [r, src[i]])
             b.union(kids[1], x[i], node)
+            b.repeats.append(kids[0])
     return out
 
 
