@@ -252,7 +252,11 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
 
 def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State, config: SurgeonConfig,
                      kept_target: int) -> float:
-    """Structured shot: price units, select, update the layers jointly, mask every slice.  Returns the cost."""
+    """Structured shot: price units, select, update the layers jointly, mask every slice.  Returns the cost.
+
+    Unit sizes are `Unit.numel` (entries shared with units of other groups are counted again); the number to
+    remove is taken from the actual masks each shot, so such an overshoot is corrected by the next shot.
+    """
     mats = {name: (read_matrix(modules[name]), curv[name]) for name in layers}
     costs, scores = {}, {}
     for g in groups:

@@ -6,7 +6,9 @@ raw costs are already on one scale and normalising would only distort the global
 
 Structured units differ in size (a head removes ~64·4·d parameters, a neuron 3·d), so units are ranked by cost
 per removed parameter by default (`per_param=True`), i.e. the cheapest loss increase per parameter saved;
-`per_param=False` ranks raw unit costs (see docs/results for the comparison on a tiny model).
+`per_param=False` ranks raw unit costs.  Measured on a tiny Llama (hidden 32, 2 layers, 4 heads, FFN 64) trained
+on an order-2 Markov chain (dense test loss 4.019), hand-built neuron + head groups, 4 shots, KFAC, 32
+calibration windows: test loss 4.037 (per parameter) vs 4.075 (raw) at 75% kept, 4.077 vs 4.113 at 60% kept.
 """
 from __future__ import annotations
 
