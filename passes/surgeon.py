@@ -36,7 +36,7 @@ from passes.curvature import collect_kfac, default_layers
 from passes.lora import lora_correct
 from passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from passes.update import remove_rows_cols, rowwise_update
-from surgeon_fx.groups import Group
+from surgeon_fx.groups import Group, Unit
 
 STRUCTURES = ("unstructured", "2:4", "4:8", "n:m", "structured")
 CHECKPOINT = "surgeon_state.pt"
@@ -145,7 +145,8 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
         curved = set(layers)
         blocks = {g.name: [unit_blocks(u, modules, curved) for u in g.units] for g in groups}
         shapes = {n: p.shape for n, p in params.items()}
-        sizes = {g.name: [u.numel(shapes) for u in g.units] for g in groups}
+        sizes = {g.name: [Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units]
+                 for g in groups}  # parameters only, each tied tensor under its first name
         prunable = sorted({p for g in groups for p in g.params() if p in params})
     else:
         prunable = [f"{name}.weight" for name in layers]
