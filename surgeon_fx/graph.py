@@ -388,7 +388,7 @@ def extract_groups(model: nn.Module, b: Builder) -> tuple[list[Group], dict[str,
 
 
 def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in name.replace(".", " ").split()]
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.replace(".", " ").split()]
 
 
 def build_graph(model: nn.Module, example_inputs: tuple, traced: Traced | None = None) -> DependencyGraph:

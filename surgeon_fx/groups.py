@@ -60,6 +60,7 @@ class Group:
     units: list[Unit]
     exact: bool = True
     min_keep: int = 1
+    multiple: int = 1
     modules: tuple[str, ...] = field(default_factory=tuple)
 
     @property
