@@ -57,6 +57,7 @@ def sparsegpt_prune_layer(
     if n_m is not None and blocksize % n_m[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={n_m[1]}")
     rows, cols = W.shape
+    dtype = W.dtype
     U, dead = inverse_hessian_factor(H, percdamp)
     U = U.to(torch.float32)
     W = W.detach().to(torch.float32).clone()
@@ -82,7 +83,7 @@ def sparsegpt_prune_layer(
             W1[:, i] = q
         W[:, b1:b2] = W1
         W[:, b2:] -= err @ U[b1:b2, b2:]
-    return W, keep
+    return W.to(dtype), keep
 
 
 def sparsegpt(
