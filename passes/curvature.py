@@ -106,7 +106,7 @@ class _LayerStats:
         if key not in cache:
             a = _inputs_rows(self.module, x).to(self.device, self.dtype)
             flat = a.reshape(-1, a.shape[-1])
-            prod = flat.T @ flat if self.mode == "kfac" else None
+            prod = _gram_lower_(flat.new_zeros(flat.shape[1], flat.shape[1]), flat) if self.mode == "kfac" else None
             cache[key] = (x, None if self.mode == "kfac" else a, prod, flat.shape[0])
         _, a, prod, rows = cache[key]
         if self.mode == "kfac":
@@ -120,8 +120,9 @@ class _LayerStats:
         self.g_rows += g.shape[0] * g.shape[1]
         if self.mode == "kfac":
             flat = g.reshape(-1, g.shape[-1])
-            prod = flat.T @ flat
-            self.G_sum = prod if self.G_sum is None else self.G_sum.add_(prod)
+            if self.G_sum is None:
+                self.G_sum = flat.new_zeros(flat.shape[1], flat.shape[1])
+            _gram_lower_(self.G_sum, flat)
             return
         grads = g.transpose(1, 2) @ a  # [B, out, in']
         part = apply_ra(grads, self.G) if self.mode == "A" else apply_rg(grads, self.A)
@@ -133,13 +134,41 @@ class _LayerStats:
             if self.A_sum is None or self.G_sum is None:
                 raise CurvatureError(f"layer {self.name!r} saw no {'input' if self.A_sum is None else 'gradient'}"
                                      " during collection (is it used by the model's forward and the loss?)")
-            self.A, self.G = self.A_sum / self.tokens, self.G_sum / self.g_rows
+            self.A = _mirror_lower_(self.A_sum).div_(self.tokens)
+            self.G = _mirror_lower_(self.G_sum).div_(self.g_rows)
             self.A_sum = self.G_sum = None
         elif self.mode == "A":
-            self.A = self.acc / self.g_rows / (self.G * self.G).sum()
+            self.A = _sym(self.acc) / self.g_rows / (self.G * self.G).sum()
         else:
-            self.G = self.acc / self.g_rows / (self.A * self.A).sum()
+            self.G = _sym(self.acc) / self.g_rows / (self.A * self.A).sum()
         self.acc, self.g_rows = None, 0
+
+
+GRAM_BLOCK = 256
+
+
+def _gram_lower_(acc: Tensor, x: Tensor) -> Tensor:
+    """acc += xᵀx for x [T, d], computing only the blocks on and below the diagonal (GRAM_BLOCK columns each):
+    about (nb+1)/(2nb) of the multiply-adds for nb blocks.  Blocks above the diagonal are left untouched."""
+    d = x.shape[1]
+    for i in range(0, d, GRAM_BLOCK):
+        for j in range(0, i + 1, GRAM_BLOCK):
+            acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].addmm_(x[:, i:i + GRAM_BLOCK].T, x[:, j:j + GRAM_BLOCK])
+    return acc
+
+
+def _mirror_lower_(acc: Tensor) -> Tensor:
+    """Copy the transposed blocks below the diagonal into the (untouched) blocks above it, in place."""
+    d = acc.shape[0]
+    for i in range(0, d, GRAM_BLOCK):
+        for j in range(0, i, GRAM_BLOCK):
+            acc[j:j + GRAM_BLOCK, i:i + GRAM_BLOCK] = acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].T
+    return acc
+
+
+def _sym(M: Tensor) -> Tensor:
+    """(M + Mᵀ)/2: removes the rounding asymmetry of ∇Wᵀ G ∇W sums."""
+    return (M + M.T) / 2
 
 
 def _logits(out: Any) -> Any:
@@ -200,7 +229,8 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
       softmax over the last output dim, `samples` draws per batch, each with its own backward pass).
     fisher_approx: "kfac" (classic, independence of a and g) or "nearest" (streamed power iteration,
       `power_iters` extra passes over the data, alternately updating A then G, warm-started from classic).
-    device/dtype: where and in which precision factors accumulate; offload moves the results to the CPU.
+    device/dtype: where and in which precision factors accumulate (batches are moved to `device`; the model is
+      expected there already); offload moves the results to the CPU.
     Parameters are frozen while collecting (no weight-gradient GEMMs, no .grad) and their requires_grad flags
     and the model's train/eval mode are restored afterwards; the model runs in eval mode (no dropout).
     """

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from passes import curvature
 from passes.curvature import KronFactors, collect_kfac, default_layers
 from passes.kron import damped_cholesky, dense_fisher, kron_sum, nearest_kron
 
@@ -36,7 +37,10 @@ def per_example_grads(model, layer, examples, loss_fn=ce_sum) -> torch.Tensor:
     return torch.stack(grads)
 
 
-def test_classic_factors_match_explicit_capture():
+@pytest.mark.parametrize("block", [256, 2])
+def test_classic_factors_match_explicit_capture(block, monkeypatch):
+    """block 2 exercises the lower-triangle blocked Gram accumulation (in' = 4, out = 2 and 4)."""
+    monkeypatch.setattr(curvature, "GRAM_BLOCK", block)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 4)).to(D)
     batches = [(torch.randn(6, 3, dtype=D), torch.randint(0, 4, (6,))) for _ in range(3)]
