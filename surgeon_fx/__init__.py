@@ -5,5 +5,6 @@ Pipeline: trace → graph → curvature → costs → threshold → update → r
 from .graph import DependencyGraph, build_graph
 from .groups import Group, Slice, Unit
 from .trace import TraceError, trace
+from .load import load
 
-__all__ = ["DependencyGraph", "Group", "Slice", "TraceError", "Unit", "build_graph", "trace"]
+__all__ = ["DependencyGraph", "Group", "Slice", "TraceError", "Unit", "build_graph", "load", "trace"]

@@ -1,0 +1,25 @@
+"""Tiny random-weight Hugging Face Llama (2 layers, hidden 64, 4 heads sharing 2 KV heads, MLP 96, tied).
+
+For trying `surgeon-compile` in seconds: `surgeon-compile models/tiny_llama.py --calib-length 128`.
+Weights are random (perplexities are about the vocabulary size, 128); text is read one byte per token
+(`surgeon_fx.zoo.ByteTokenizer`): calibration windows from WikiText-2 valid, evaluation windows of 128 tokens
+from WikiText-2 raw test (`$SURGEON_DATA` overrides the data folder; `--calib-file` / `--eval-file` any text).
+"""
+from surgeon_fx import zoo
+from surgeon_fx.hf import tiny_llama
+
+
+def build():
+    return tiny_llama(seed=0)
+
+
+def tokenizer():
+    return zoo.ByteTokenizer(vocab=128)
+
+
+def calibration(n, length, seed):
+    return zoo.text_calibration(tokenizer(), n, length, seed)
+
+
+def evaluation():
+    return zoo.text_evaluation(tokenizer(), length=128, limit=32)

@@ -1,0 +1,175 @@
+"""`surgeon-compile`: the command line front door (argument parsing, error lines, the final summary).
+
+The work itself is `surgeon_fx.compile.compile_model`; options override a `--recipe` file, which overrides the
+defaults of `surgeon_fx.recipe.Recipe`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from surgeon_fx.compile import USER_ERRORS, CompileError, CompileResult, compile_model
+from surgeon_fx.modelfile import from_hf_folder, load_model_file
+from surgeon_fx.recipe import METHODS, STRUCTURES, Recipe
+
+PROG = "surgeon-compile"
+DESCRIPTION = """\
+Prune a PyTorch model with The LLM Surgeon (or a baseline) and write a smaller model that reloads.
+
+MODEL is a Python file defining build() -> nn.Module, plus example_inputs() -> tuple (unless build returns
+a Hugging Face causal LM) and optionally calibration(n, length, seed), evaluation(), tokenizer() and, for a
+model that is not a causal LM, loss(model, batch).  Ready files are in models/ (smollm2.py, tiny_llama.py,
+tiny_opt.py, tiny_gpt2.py, tiny_qwen2.py, resnet_cnn.py, vit_encoder.py).  Instead of MODEL, --hf PATH
+compiles a local Hugging Face model folder (with --calib-file).
+
+Structured pruning removes whole attention heads, KV heads, MLP neurons and conv channels, found by tracing
+the model into a dependency graph, and writes a physically smaller model; unstructured and N:M pruning set
+weights to zero in dense tensors.
+
+The output folder (--out) gets model.safetensors, manifest.json (how to rebuild the module tree),
+report.md / report.json with kept-fraction plots, for Hugging Face models an hf/ folder that
+AutoModelForCausalLM.from_pretrained loads when every layer keeps the same widths, and source/ (a copy of
+MODEL).  Load the result with surgeon_fx.load(OUT).  It is written to a temporary folder and renamed when
+complete; on any error nothing is written."""
+EPILOG = """\
+examples:
+  # SmolLM2-135M, 90% of the prunable parameters kept, CPU-sized calibration
+  surgeon-compile models/smollm2.py --target 0.9 --shots 2 --calib-windows 8 --calib-length 256 \\
+      --eval-windows 2 --out out/smollm2-s90
+
+  # a tiny random Llama in seconds, 2:4 semi-structured with SparseGPT
+  surgeon-compile models/tiny_llama.py --structure 2:4 --method sparsegpt --calib-length 128
+
+  # options from a recipe file, one of them overridden
+  surgeon-compile models/vit_encoder.py --recipe recipe.toml --target 0.6
+
+  # a local Hugging Face folder, calibration text from any file, on the first GPU
+  surgeon-compile --hf ./my-llama --calib-file corpus.txt --device cuda:0 --out out/my-llama
+
+  # continue an interrupted run from its last finished shot
+  surgeon-compile models/smollm2.py --target 0.7 --shots 10 --out out/s70 --resume
+
+exit status: 0 on success, 2 for a bad input (one line on stderr names it), 1 for an internal error."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every recipe option defaults to None so that only given options override."""
+    d = Recipe()
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="the model file (see above)")
+    p.add_argument("--hf", metavar="PATH", help="a local Hugging Face model folder instead of a model file")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: ./<model>-<structure>[-<target %%>])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--recipe", metavar="TOML", help="read options from a flat TOML file; options given here win")
+    what = p.add_argument_group("what to prune")
+    what.add_argument("--structure", choices=STRUCTURES,
+                      help=f"structured (heads, neurons, channels removed), 2:4 / 4:8 (N of every M weights kept) "
+                           f"or unstructured (default: {d.structure})")
+    what.add_argument("--target", type=float, metavar="FRACTION",
+                      help=f"fraction of the PRUNABLE parameters kept, between 0 and 1 (the weights of the pruned "
+                           f"layers; ignored for N:M, which keeps N/M) (default: {d.target})")
+    what.add_argument("--round-to", type=int, metavar="K",
+                      help=f"structured: keep the neurons/channels of every layer a multiple of K, for fast kernels "
+                           f"(default: {d.round_to})")
+    how = p.add_argument_group("how to prune")
+    how.add_argument("--method", choices=list(METHODS),
+                     help=f"surgeon: The LLM Surgeon (KFAC curvature, correlated updates); magnitude, l-obd, k-obd: "
+                          f"the paper's baselines; sparsegpt, wanda: one-shot unstructured/N:M (default: {d.method})")
+    how.add_argument("--shots", type=int, metavar="N", help=f"pruning shots, the target reached linearly "
+                                                            f"(default: {d.shots}; the paper uses 40 structured)")
+    how.add_argument("--fisher", choices=("empirical", "sampled"),
+                     help=f"Fisher labels: the data (empirical) or drawn from the model (default: {d.fisher})")
+    how.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R masked low-rank corrections between "
+                                                                "shots, absorbed into the weights (default: 0, off)")
+    data = p.add_argument_group("data")
+    data.add_argument("--calib-windows", type=int, metavar="N",
+                      help=f"calibration windows (default: {d.calib_windows}; the paper uses 128)")
+    data.add_argument("--calib-length", type=int, metavar="L",
+                      help=f"tokens per calibration window (default: {d.calib_length}; the paper uses 2048)")
+    data.add_argument("--calib-file", metavar="TEXT", help="calibration text file, tokenized with the model file's "
+                                                           "tokenizer() (default: the model file's calibration())")
+    data.add_argument("--eval-windows", type=int, metavar="K",
+                      help="evaluate perplexity on the first K evaluation windows (default: all)")
+    data.add_argument("--eval-file", metavar="TEXT", help="evaluation text file (default: the model file's "
+                                                          "evaluation())")
+    data.add_argument("--eval-length", type=int, metavar="L",
+                      help=f"tokens per window of --eval-file (default: {d.eval_length})")
+    data.add_argument("--batch-size", type=int, metavar="B", help=f"windows per forward pass (default: {d.batch_size})")
+    data.add_argument("--seed", type=int, help=f"seed of the calibration windows and sampling (default: {d.seed})")
+    run = p.add_argument_group("running")
+    run.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint of an interrupted run (kept in <out>.work/ beside the output)")
+    run.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
+    return p
+
+
+OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "lora_rank", "calib_windows",
+                 "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length", "batch_size", "seed",
+                 "device")
+
+
+def default_out(name: str, recipe: Recipe) -> Path:
+    """./<model stem>-<structure>[-<target percent>]."""
+    tag = recipe.structure.replace(":", "of")
+    return Path(f"{Path(name).stem}-{tag}" + ("" if recipe.nm() else f"-{round(recipe.target * 100)}"))
+
+
+def summary(result: CompileResult) -> str:
+    """What was written, in a few lines for the terminal."""
+    r, out = result.report, result.out
+    p = r["parameters"]
+    lines = [f"{PROG}: wrote {out}",
+             f"  model       {r['source']['name']}: {r['recipe']['method']}, {r['recipe']['structure']}"
+             + ("" if r["nm"] else f", target {r['recipe']['target']:g}"),
+             f"  parameters  {p['before']:,} -> {p['after']:,} (prunable kept "
+             f"{p['prunable_after'] / max(1, p['prunable_before']):.1%})"]
+    ev = r.get("evaluation")
+    if ev:
+        where = (f"{ev['windows']} windows x {ev['length']} tokens" if ev["length"] else f"{ev['windows']} batches")
+        lines.append(f"  {ev['metric']:<11} {ev['before']:.4g} -> {ev['after']:.4g} ({where})")
+    lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r})")
+    hf_note = next((line for line in r["output"] if line.endswith("/hf")), None)
+    if hf_note:
+        lines.append(f"  hf/         AutoModelForCausalLM.from_pretrained({hf_note!r})")
+    lines.append(f"  report      {out / 'report.md'}")
+    lines.append(f"  time        {sum(s['seconds'] for s in r['stages']):.1f} s ("
+                 + ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in r["stages"]) + ")")
+    return "\n".join(lines)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 2 bad input, 1 internal error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if (args.model is None) == (args.hf is None):
+            raise CompileError("give either a model file or --hf PATH (exactly one)")
+        recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
+        recipe = recipe.merged({k: getattr(args, k) for k in OPTION_FIELDS})
+        mf = load_model_file(args.model) if args.model else from_hf_folder(args.hf)
+        out = Path(args.out) if args.out else default_out(mf.name, recipe)
+        result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite)
+    except USER_ERRORS as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun with --resume to continue from the last finished shot", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: one line unless asked for the traceback
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --traceback)",
+              file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""The compilation pipeline behind `surgeon-compile` and the Python API:
+
+    build → trace → data → evaluate dense → prune → rewrite → evaluate pruned → verify + emit → report
+
+`compile_model(model_file, recipe, out)` runs it and returns a `CompileResult`.  Every input that cannot work
+(contract, target, structure, data, device, existing output) is rejected with a one-line `CompileError` (or
+the error class of the module that found it, see `USER_ERRORS`) *before* anything is written.  Each stage is
+timed and its peak memory recorded (resident set size via `resource.getrusage`, plus CUDA peak allocation).
+
+Structured pruning uses the dependency graph's exact groups (heads, KV heads, MLP neurons, conv channels);
+the residual stream crosses normalisation layers (removal is not the same as zeroing) and stays whole.
+The multi-shot methods checkpoint after every shot into ``<out>.work/`` next to the output; ``resume=True``
+continues from there.  The work folder is removed when the output has been written.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from passes.blocks import to_matrix
+from passes.curvature import collect_kfac, default_layers
+from passes.rewrite import RewriteError, ShrinkPlan, shrink
+from passes.round_units import set_multiple
+from passes.sequential import find_blocks, is_linear
+from passes.sparsegpt import sparsegpt
+from passes.surgeon import prune
+from passes.wanda import wanda
+from surgeon_fx import emit, report
+from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
+from surgeon_fx.evaluate import logits_of, perplexity
+from surgeon_fx.graph import DependencyGraph, build_graph
+from surgeon_fx.groups import Group, Unit
+from surgeon_fx.load import load
+from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
+from surgeon_fx.recipe import METHODS, Recipe, RecipeError
+from surgeon_fx.trace import TraceError, is_hf_causal_lm
+
+
+class CompileError(ValueError):
+    """An input the pipeline cannot work with; the message is one line naming the cause."""
+
+
+USER_ERRORS = (CompileError, RecipeError, ModelFileError, TraceError, emit.EmitError)
+RELOAD_TOLERANCE = 1e-4  # max |Δ| of reloaded vs in-memory outputs, relative to max(1, max |output|)
+
+
+@dataclass
+class StageLog:
+    """Seconds spent in a stage and the peak memory seen by its end (MB)."""
+
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    cuda_peak_mb: float | None
+
+
+@dataclass
+class CompileResult:
+    """out: the written folder; model: the pruned model (eval mode); report: the report dict;
+    plan: the ShrinkPlan (structured) or None (masks only); masks: param → keep-mask (masks only)."""
+
+    out: Path
+    model: nn.Module
+    report: dict
+    plan: ShrinkPlan | None
+    masks: dict[str, Tensor]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class Stages:
+    """Times the pipeline's stages, records their peak memory and shows one progress bar over them."""
+
+    def __init__(self, device: torch.device, total: int, progress: bool):
+        self.device, self.logs = device, []
+        self.bar = tqdm(total=total, desc="surgeon-compile", unit="stage", disable=not progress, leave=False)
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.bar.set_description(name)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
+        self.logs.append(StageLog(name, time.perf_counter() - start, peak_rss_mb(), peak))
+        self.bar.update(1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, checked to exist on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CompileError(f"device {name!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise CompileError(f"device {name!r} is not supported (use cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise CompileError(f"device {name} is not available: this machine has no CUDA device")
+    count, index = torch.cuda.device_count(), device.index or 0
+    if index >= count:
+        raise CompileError(f"device {name} is not available: this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, inputs: tuple) -> Tensor:
+    """The model's main output tensor for `inputs` (logits for a language model)."""
+    if is_hf_causal_lm(model):
+        return logits_of(model, inputs[0])
+    out = model(*inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def max_diff(a: Tensor, b: Tensor) -> float:
+    """max |a − b| relative to max(1, max |b|)."""
+    return float((a.float() - b.float()).abs().max() / max(1.0, float(b.float().abs().max())))
+
+
+# -- checks that need the model -----------------------------------------------------------------------------
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def prunable_groups(graph: DependencyGraph, round_to: int) -> list[Group]:
+    """The exact groups of the graph; neuron and channel groups keep a multiple of `round_to` units
+    (`passes.round_units.set_multiple`: heads are whole heads already)."""
+    groups = [g for g in graph.groups if g.exact]
+    if round_to > 1:
+        set_multiple(groups, round_to)
+    return groups
+
+
+def smallest_target(model: nn.Module, groups: list[Group]) -> float:
+    """The smallest fraction of the groups' parameters structured pruning can keep (every group at its
+    floor: `min_keep` units, rounded up to its `multiple`)."""
+    params = dict(model.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    total = sum(params[p].numel() for p in {p for g in groups for p in g.params() if p in params})
+    removable = 0
+    for g in groups:
+        m = max(1, g.multiple)
+        floor = -(-max(1, g.min_keep) // m) * m
+        sizes = sorted((Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units),
+                       reverse=True)
+        removable += sum(sizes[: max(0, g.size - floor)])
+    return max(0, total - removable) / max(1, total)
+
+
+def curvature_layers(model: nn.Module, groups: list[Group] | None) -> list[str]:
+    """The layers the multi-shot driver prices: every supported layer but the output head / tied embedding;
+    for structured pruning only those a group touches (as `passes.surgeon.prune` does)."""
+    layers = default_layers(model)
+    if groups is None:
+        return layers
+    touched = {p.rpartition(".")[0] for g in groups for p in g.params()}
+    return [name for name in layers if name in touched]
+
+
+def _sparse_layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
+    """Layers an unstructured / N:M run prunes: the block linears (SparseGPT, Wanda) or `default_layers`."""
+    if METHODS[recipe.method] is None:
+        try:
+            prefix, blocks = find_blocks(model)
+        except ValueError:
+            raise CompileError(f"method {recipe.method} needs the model's blocks in an nn.ModuleList") from None
+        return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if is_linear(m)}
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in default_layers(model)}
+
+
+def check_model(model: nn.Module, mf: ModelFile, recipe: Recipe, graph: DependencyGraph | None) -> list[Group]:
+    """Everything about recipe × model that can fail; returns the groups (structured) or []."""
+    if not mf.is_lm and METHODS[recipe.method] is None:
+        raise CompileError(f"method {recipe.method} needs a causal language model; {mf.name} defines loss() "
+                           f"(use surgeon, magnitude, l-obd or k-obd)")
+    if not mf.is_lm and recipe.lora_rank:
+        raise CompileError(f"--lora-rank trains on a language-model loss; {mf.name} defines its own loss()")
+    limit = _max_positions(model)
+    if limit is not None and recipe.needs_data() and recipe.calib_length > limit:
+        raise CompileError(f"calibration length {recipe.calib_length} exceeds the model's {limit} positions "
+                           f"(use --calib-length {limit} or less)")
+    if recipe.structure == "structured":
+        groups = prunable_groups(graph, recipe.round_to)
+        if not groups:
+            raise CompileError(f"structured pruning is not possible: the dependency graph of {mf.name} has no "
+                               f"prunable groups (every dimension is tied to an input, output or unknown op; "
+                               f"try unstructured)")
+        floor = smallest_target(model, groups)
+        if recipe.target < floor:
+            raise CompileError(f"target {recipe.target:g} cannot be met: structured pruning keeps at least "
+                               f"{math.ceil(floor * 1000) / 1000:g} of the prunable parameters of this model "
+                               f"(every group keeps min_keep units" + (", rounded to --round-to" if recipe.round_to
+                                                                      > 1 else "") + ")")
+        if floor >= 1.0:
+            raise CompileError("structured pruning is not possible: no group can lose a unit")
+        return groups
+    layers = _sparse_layers(model, recipe)
+    if not layers:
+        raise CompileError(f"{mf.name} has no layer to prune (nn.Linear, nn.Conv2d or HF Conv1D)")
+    nm = recipe.nm()
+    if nm:
+        for name, m in layers.items():
+            width = to_matrix(m, m.weight, None).shape[1]
+            if width % nm[1]:
+                raise CompileError(f"structure {recipe.structure} is not possible: layer {name} has {width} "
+                                   f"inputs, not a multiple of {nm[1]}")
+    return []
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def _text_ids(mf: ModelFile, source: str, option: str) -> Tensor:
+    if not mf.is_lm:
+        raise CompileError(f"{option} needs a language model; {mf.name} defines loss() and its own batches")
+    tokenizer = mf.tokenizer()
+    try:
+        text = read_text(source)
+    except (OSError, ValueError, ImportError) as err:
+        raise CompileError(f"cannot read {option} {source}: {err}") from None
+    return tokenize(tokenizer, text)
+
+
+def calibration_data(mf: ModelFile, recipe: Recipe) -> Any:
+    """Calibration windows [n, length] (LM) or batches; None when the method needs none."""
+    if not recipe.needs_data():
+        return None
+    if recipe.calib_file is None:
+        return mf.calibration(recipe.calib_windows, recipe.calib_length, recipe.seed)
+    ids = _text_ids(mf, recipe.calib_file, "--calib-file")
+    if ids.numel() < recipe.calib_length:
+        raise CompileError(f"calibration data too short: --calib-file {recipe.calib_file} has {ids.numel()} "
+                           f"tokens, fewer than one window of {recipe.calib_length}")
+    return calibration_windows(ids, recipe.calib_windows, recipe.calib_length, recipe.seed)
+
+
+def evaluation_data(mf: ModelFile, recipe: Recipe, model: nn.Module) -> Any:
+    """Evaluation windows [k, L] (LM) or batches, the first `eval_windows`; None without evaluation data."""
+    if recipe.eval_file is not None:
+        ids = _text_ids(mf, recipe.eval_file, "--eval-file")
+        if ids.numel() < recipe.eval_length:
+            raise CompileError(f"evaluation data too short: --eval-file {recipe.eval_file} has {ids.numel()} "
+                               f"tokens, fewer than one window of {recipe.eval_length} (--eval-length)")
+        data = eval_windows(ids, recipe.eval_length)
+    else:
+        data = mf.evaluation()
+    if data is None:
+        return None
+    data = data[: recipe.eval_windows] if recipe.eval_windows else data
+    limit = _max_positions(model)
+    if mf.is_lm and limit is not None and data.shape[1] > limit:
+        raise CompileError(f"evaluation windows of {data.shape[1]} tokens exceed the model's {limit} positions")
+    return check_windows(data, "evaluation data") if mf.is_lm else data
+
+
+def evaluate(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device, progress: bool) -> dict | None:
+    """Perplexity (LM) or mean loss per example (other models) on the evaluation data."""
+    if data is None:
+        return None
+    if mf.is_lm:
+        r = perplexity(model, data, batch_size=recipe.batch_size, device=device, progress=progress)
+        return {"metric": "perplexity", "value": r.ppl, "windows": r.windows, "length": int(data.shape[1])}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(data, desc="evaluate", disable=not progress, leave=False):
+            total += float(mf.loss(model, _to(batch, device)))
+            count += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return {"metric": "loss per example", "value": total / count, "windows": len(data), "length": None}
+
+
+# -- pruning ------------------------------------------------------------------------------------------------
+def work_dir(out: Path) -> Path:
+    """Where checkpoints of an unfinished run live: ``<out>.work`` beside the output folder."""
+    return out.parent / f"{out.name}.work"
+
+
+def run_pruning(model: nn.Module, mf: ModelFile, recipe: Recipe, groups: list[Group], calib: Any,
+                device: torch.device, out: Path, resume: bool, progress: bool):
+    """Run the chosen method in place; returns (masks, removed, shot logs)."""
+    nm = recipe.nm()
+    if METHODS[recipe.method] is None:
+        fn = sparsegpt if recipe.method == "sparsegpt" else wanda
+        amount = {"n_m": nm} if nm else {"sparsity": 1.0 - recipe.target}
+        keep = fn(model, calib, batch_size=recipe.batch_size, progress=progress, **amount)
+        modules = dict(model.named_modules())
+        masks = {f"{name}.weight": m if isinstance(modules[name], nn.Linear) else m.T for name, m in keep.items()}
+        return masks, {}, []
+    structured = recipe.structure == "structured"
+    layers = curvature_layers(model, groups if structured else None)
+    collect = partial(collect_kfac, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,
+                      batch_size=recipe.batch_size, device=device, loss_fn=mf.loss, progress=progress,
+                      seed=recipe.seed)
+    work = work_dir(out)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    bar = tqdm(total=recipe.shots, desc="shots", unit="shot", disable=not progress, leave=False)
+    try:
+        result = prune(model, calib, groups if structured else None, recipe.surgeon_config(), collect_curvature=collect,
+                       checkpoint_dir=work / "checkpoint", progress=lambda log: bar.update(1))
+    except ValueError as err:
+        if "different config" in str(err):
+            raise CompileError(f"--resume: the checkpoint in {work} was written with other options; run without "
+                               f"--resume to start again") from None
+        raise
+    finally:
+        bar.close()
+    return result.masks, result.removed, [asdict(log) for log in result.logs]
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                  progress: bool | None = None) -> CompileResult:
+    """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring)."""
+    recipe.check()
+    out = Path(out).absolute()
+    emit.check_target(out, overwrite)
+    device = resolve_device(recipe.device)
+    progress = sys.stderr.isatty() if progress is None else progress
+    structured = recipe.structure == "structured"
+    stages = Stages(device, 9 if structured else 8, progress)
+    try:
+        with stages("build"):
+            model = mf.build().to(device).eval()
+            inputs = tuple(_to(x, device) for x in mf.example_inputs(model))
+            hf = is_hf_causal_lm(model)
+            source = _source(mf, model, hf)
+            dense = report.weight_counts(model)
+            dense_sizes = {n: p.numel() for n, p in model.named_parameters()}
+        graph = None
+        if structured:
+            with stages("trace"):
+                graph = build_graph(model, inputs)
+        groups = check_model(model, mf, recipe, graph)
+        with stages("data"):
+            calib = calibration_data(mf, recipe)
+            data = evaluation_data(mf, recipe, model)
+        with stages("evaluate dense"):
+            before = evaluate(model, mf, data, recipe, device, progress)
+        with stages("prune"):
+            masks, removed, shots = run_pruning(model, mf, recipe, groups, calib, device, out, resume, progress)
+        with stages("rewrite"):
+            plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
+        with stages("evaluate pruned"):
+            after = evaluate(model, mf, data, recipe, device, progress)
+        tokenizer = mf.tokenizer() if hf and mf.tokenizer_fn is not None else None
+        with emit.atomic_dir(out, overwrite) as tmp:
+            with stages("emit + verify"):
+                manifest = _manifest(mf, source, recipe, plan, masks, model)
+                files = _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)
+                checks["reload_max_abs"] = max_diff(outputs(load(tmp, device), inputs), outputs(model, inputs))
+                if checks["reload_max_abs"] > RELOAD_TOLERANCE:
+                    raise CompileError(f"the written model does not reproduce the pruned one (max |Δ| = "
+                                       f"{checks['reload_max_abs']:.3g}); nothing written")
+            data_report = _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots, before,
+                                  after, checks, files, out, stages.logs)
+            files += report.write_report(tmp, data_report, {f"{recipe.method} {_label(recipe)}": _rows(dense, model,
+                                                                                                      masks)})
+    finally:
+        stages.bar.close()
+    shutil.rmtree(work_dir(out), ignore_errors=True)
+    return CompileResult(out, model, data_report, plan, masks)
+
+
+def _label(recipe: Recipe) -> str:
+    return recipe.structure if recipe.nm() else f"{recipe.structure} {recipe.target:g}"
+
+
+def _rows(dense: dict, model: nn.Module, masks: dict[str, Tensor]) -> list[report.LayerRow]:
+    return report.layer_rows(dense, report.weight_counts(model, masks))
+
+
+def _rewrite(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int]], inputs: tuple):
+    """Shrink the (masked) model in place; check that its outputs did not change."""
+    masked = outputs(model, inputs)
+    try:
+        plan = shrink(model, graph, removed)
+    except RewriteError as err:
+        raise CompileError(f"rewrite failed: {err}") from None
+    return plan, {"pruned_vs_masked_max_abs": max_diff(outputs(model, inputs), masked)}
+
+
+def _source(mf: ModelFile, model: nn.Module, hf: bool) -> dict:
+    """How to rebuild the original module tree (recorded before pruning changes the config)."""
+    source: dict = {"name": mf.name}
+    if mf.path is not None:
+        source.update(path=str(mf.path), sha256=mf.sha256, copy=f"source/{mf.path.name}")
+    if mf.hf_path is not None:
+        source["hf_path"] = str(mf.hf_path)
+    if hf:
+        source.update(hf_config=model.config.to_dict(), model_class=type(model).__name__,
+                      attn_implementation=model.config._attn_implementation,
+                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    return source
+
+
+def _manifest(mf: ModelFile, source: dict, recipe: Recipe, plan: ShrinkPlan | None, masks: dict[str, Tensor],
+              model: nn.Module) -> dict:
+    params = dict(model.named_parameters())
+    return {"source": source, "method": recipe.method, "structure": recipe.structure,
+            "target": None if recipe.nm() else recipe.target, "plan": plan.to_json() if plan else None,
+            "masks_only": plan is None,
+            "dense_shapes": {n: list(params[n].shape) for n in masks} if plan is None else None,
+            "weights": emit.WEIGHTS}
+
+
+def _emit(tmp: Path, model: nn.Module, manifest: dict, tokenizer, inputs: tuple, hf: bool, mf: ModelFile) -> list:
+    files = [emit.save_weights(model, tmp)]
+    if mf.path is not None:
+        (tmp / "source").mkdir()
+        files.append(Path(shutil.copy2(mf.path, tmp / manifest["source"]["copy"])))
+    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs[0])
+    manifest.update(hf=None if reason else emit.HF_DIR, hf_note=reason)
+    if reason is None:
+        files.append(tmp / emit.HF_DIR)
+    files.append(emit.write_manifest(tmp, manifest))
+    return files
+
+
+def _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots, before, after, checks, files, out,
+            stages) -> dict:
+    rows = _rows(dense, model, masks)
+    params = dict(model.named_parameters())
+    zeroed = 0 if groups else sum(int((~m).sum()) for m in masks.values())
+    if groups:
+        names = {p for g in groups for p in g.params() if p in params}
+        pr_after = sum(params[p].numel() for p in names)
+        pr_before, note = sum(dense_sizes[p] for p in names), None
+    else:
+        pr_before = sum(m.numel() for m in masks.values())
+        pr_after, note = pr_before - zeroed, "Pruned weights are zeros in dense tensors (masks only)."
+    n_after = sum(p.numel() for p in model.parameters()) - zeroed
+    evaluation = None
+    if before is not None:
+        evaluation = {"metric": before["metric"], "before": before["value"], "after": after["value"],
+                      "windows": before["windows"], "length": before["length"]}
+    output = [str(out / f.name) for f in files] + [str(out / name) for name in report.REPORT_FILES]
+    return {"source": {"name": mf.name, "path": str(mf.path) if mf.path else None,
+                       "hf_path": str(mf.hf_path) if mf.hf_path else None},
+            "recipe": asdict(recipe), "nm": recipe.nm() is not None,
+            "parameters": {"before": sum(dense_sizes.values()), "after": n_after, "prunable_before": pr_before,
+                           "prunable_after": pr_after, "note": note},
+            "groups": [{"name": g.name, "kind": g.kind, "units": g.size, "kept": g.size - len(removed.get(g.name, []))}
+                       for g in groups],
+            "layers": report.rows_as_dicts(rows), "kept_by_depth": report.kept_by_depth(rows),
+            "kept_by_kind": report.kept_by_kind(rows), "evaluation": evaluation, "shots": shots, "checks": checks,
+            "stages": [asdict(s) for s in stages], "output": output, "environment": report.environment()}

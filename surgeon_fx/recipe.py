@@ -1,0 +1,126 @@
+"""What a user chooses for one compilation: a typed `Recipe`, loadable from TOML, overridable key by key.
+
+A recipe file is flat TOML whose keys are the `Recipe` fields (``-`` and ``_`` are the same), e.g.::
+
+    structure = "structured"
+    target = 0.8          # fraction of prunable parameters kept
+    method = "surgeon"
+    shots = 5
+    calib_windows = 32
+    calib_length = 256
+
+Precedence: the dataclass defaults, then the recipe file, then options given on the command line
+(`Recipe.merged`).  `Recipe.check()` validates everything that can be judged without the model.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from passes.surgeon import SurgeonConfig
+
+STRUCTURES = ("structured", "2:4", "4:8", "unstructured")
+METHODS = {"surgeon": "kfac", "magnitude": "identity", "l-obd": "diag_a", "k-obd": "diag_ga",
+           "sparsegpt": None, "wanda": None}  # method -> curvature of the multi-shot driver (None: own pass)
+FISHERS = ("empirical", "sampled")
+
+
+class RecipeError(ValueError):
+    """A recipe value (from a file or an option) that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One compilation's choices.  `target` is the fraction of *prunable* parameters kept (N:M: n/m)."""
+
+    structure: str = "structured"
+    target: float = 0.8
+    method: str = "surgeon"
+    shots: int = 5
+    fisher: str = "empirical"
+    fisher_approx: str = "kfac"
+    calib_windows: int = 32
+    calib_length: int = 256
+    calib_file: str | None = None
+    eval_windows: int | None = None
+    eval_file: str | None = None
+    eval_length: int = 2048
+    batch_size: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    round_to: int = 1
+    lora_rank: int = 0
+    damp_a: float = 0.01
+    damp_g: float | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Recipe":
+        """Read a flat TOML recipe; unknown keys and wrong types are errors naming the key."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RecipeError(f"recipe {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise RecipeError(f"recipe {path} is not valid TOML: {err}") from None
+        return cls().merged({k.replace("-", "_"): v for k, v in data.items()}, origin=f"recipe {path}")
+
+    def merged(self, values: dict, origin: str = "option") -> "Recipe":
+        """A copy with `values` (field name -> value; None = not given) applied after type checks."""
+        types = {f.name: f.type for f in fields(self)}
+        given = {k: v for k, v in values.items() if v is not None}
+        for key, value in given.items():
+            if key not in types:
+                raise RecipeError(f"{origin}: unknown key {key!r} (known: {', '.join(sorted(types))})")
+            want = types[key]
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in want else
+                  isinstance(value, int) and not isinstance(value, bool) if "int" in want else
+                  isinstance(value, str))
+            if not ok:
+                raise RecipeError(f"{origin}: {key} must be {want.split(' |')[0]}, got {value!r}")
+        return replace(self, **{k: float(v) if "float" in types[k] else v for k, v in given.items()})
+
+    def nm(self) -> tuple[int, int] | None:
+        """(n, m) for semi-structured pruning, else None."""
+        return {"2:4": (2, 4), "4:8": (4, 8)}.get(self.structure)
+
+    def check(self) -> None:
+        """Validate the recipe on its own (no model needed); raises RecipeError with one clear line."""
+        if self.structure not in STRUCTURES:
+            raise RecipeError(f"structure must be one of {', '.join(STRUCTURES)}, not {self.structure!r}")
+        if self.method not in METHODS:
+            raise RecipeError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.nm() is None and not 0.0 < self.target < 1.0:
+            raise RecipeError(f"target must be between 0 and 1 (the fraction of prunable parameters kept), "
+                              f"got {self.target:g}")
+        if METHODS[self.method] is None and self.structure == "structured":
+            raise RecipeError(f"method {self.method} prunes single weights: use structure unstructured, 2:4 or 4:8")
+        if METHODS[self.method] is None and self.lora_rank:
+            raise RecipeError(f"--lora-rank works with the multi-shot methods, not {self.method}")
+        if self.fisher not in FISHERS:
+            raise RecipeError(f"fisher must be one of {', '.join(FISHERS)}, not {self.fisher!r}")
+        if self.fisher_approx not in ("kfac", "nearest"):
+            raise RecipeError(f"fisher_approx must be kfac or nearest, not {self.fisher_approx!r}")
+        positive = {"shots": self.shots, "calib_windows": self.calib_windows, "batch_size": self.batch_size,
+                    "round_to": self.round_to, "eval_windows": self.eval_windows or 1}
+        for key, value in positive.items():
+            if value < 1:
+                raise RecipeError(f"{key} must be at least 1, got {value}")
+        for key, value in {"calib_length": self.calib_length, "eval_length": self.eval_length}.items():
+            if value < 2:
+                raise RecipeError(f"{key} must be at least 2 tokens, got {value}")
+        if self.lora_rank < 0:
+            raise RecipeError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+
+    def needs_data(self) -> bool:
+        """Whether the method reads calibration data (magnitude pruning does not)."""
+        return self.method != "magnitude"
+
+    def surgeon_config(self) -> SurgeonConfig:
+        """The multi-shot driver's config for the methods it runs (surgeon, magnitude, l-obd, k-obd)."""
+        nm = self.nm()
+        target = nm[0] / nm[1] if nm else self.target  # the driver ignores the target for N:M
+        return SurgeonConfig(structure=self.structure, target=target, shots=self.shots,
+                             curvature=METHODS[self.method], damp_a=self.damp_a, damp_g=self.damp_g,
+                             lora_rank=self.lora_rank, seed=self.seed)
