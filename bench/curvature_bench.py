@@ -8,7 +8,8 @@ Side by side in one process, medians of `--reps` repetitions over the same `--wi
 The hook overhead is empirical / plain (goal ≤ 1.3×); empirical / plain_act isolates the factor products.
 Peak memory is the process peak RSS (resource.getrusage, monotone over the run).  `--full` instead runs one
 empirical collection over 128 × 512 windows and reports its time and peak RSS (run it in its own process);
-`--nearest` times one classic pass plus `--power-iters` power-iteration passes (fisher_approx="nearest").
+`--nearest` times classic collection against fisher_approx="nearest" (classic pass + `--power-iters` passes),
+interleaved, medians of `--reps`.
 `--md` only renders docs/results/curvature_bench.md from the JSON files present.
 
 Usage: python bench/curvature_bench.py [--windows 4 --length 512 --reps 3] [--full | --nearest | --md]
@@ -132,11 +133,14 @@ def main() -> None:
         name = "curvature_bench_full"
     elif args.nearest:
         windows = calibration_windows(ids, args.windows, args.length, seed=0)
-        kfac_s = timed(lambda: collect_kfac(model, windows, progress=False))
-        near_s = timed(lambda: collect_kfac(model, windows, progress=False, fisher_approx="nearest",
-                                            power_iters=args.power_iters))
+        kfac_t, near_t = [], []
+        for _ in range(args.reps):  # interleaved, medians
+            kfac_t.append(timed(lambda: collect_kfac(model, windows, progress=False)))
+            near_t.append(timed(lambda: collect_kfac(model, windows, progress=False, fisher_approx="nearest",
+                                                     power_iters=args.power_iters)))
+        kfac_s, near_s = statistics.median(kfac_t), statistics.median(near_t)
         report.update({"windows": args.windows, "length": args.length, "power_iters": args.power_iters,
-                       "classic_seconds": kfac_s, "nearest_seconds": near_s,
+                       "reps": args.reps, "classic_seconds": kfac_t, "nearest_seconds": near_t,
                        "seconds_per_power_pass": (near_s - kfac_s) / args.power_iters,
                        "power_pass_over_classic_pass": (near_s - kfac_s) / args.power_iters / kfac_s,
                        "peak_rss_mib": peak_rss_mib()})
@@ -178,7 +182,9 @@ def render_md(out: Path) -> str:
             keep = {k: v for k, v in r.items() if k not in ("machine",)}
             lines += [f"## {title}", "", f"commit {r['machine']['git_commit'][:10]}, {r['machine']['date']}", "",
                       "| key | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in keep.items()]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else
+                      f"| {k} | {', '.join(f'{t:.1f}' for t in v)} |" if isinstance(v, list) else
+                      f"| {k} | {v} |" for k, v in keep.items()]
             lines.append("")
     return "\n".join(lines)
 
