@@ -32,7 +32,7 @@ def row_block_costs(W: Tensor, A: Tensor, Ginv: Tensor, blocks: Tensor) -> Tenso
     WA = W @ A
     S = WA[blocks] @ W[blocks].transpose(1, 2)  # [U, k, k] = W_R A W_Rᵀ
     C = Ginv[blocks[:, :, None], blocks[:, None, :]]  # [U, k, k] = G⁻¹_RR
-    return 0.5 * torch.linalg.solve(C, S).diagonal(dim1=1, dim2=2).sum(-1)
+    return _half_trace_solve(C, S)
 
 
 def col_block_costs(W: Tensor, G: Tensor, Ainv: Tensor, blocks: Tensor) -> Tensor:
@@ -40,6 +40,13 @@ def col_block_costs(W: Tensor, G: Tensor, Ainv: Tensor, blocks: Tensor) -> Tenso
     Wt, GWt = W.t(), (G @ W).t()
     S = Wt[blocks] @ GWt[blocks].transpose(1, 2)  # [U, k, k] = W_Cᵀ G W_C
     C = Ainv[blocks[:, :, None], blocks[:, None, :]]  # [U, k, k] = A⁻¹_CC
+    return _half_trace_solve(C, S)
+
+
+def _half_trace_solve(C: Tensor, S: Tensor) -> Tensor:
+    """[U] ½ tr(C⁻¹ S) for batches of k × k blocks; a division when k = 1 (single rows or columns)."""
+    if C.shape[-1] == 1:
+        return 0.5 * (S / C).reshape(-1)
     return 0.5 * torch.linalg.solve(C, S).diagonal(dim1=1, dim2=2).sum(-1)
 
 

@@ -139,7 +139,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
         raise ValueError("structured pruning needs the groups of the dependency graph")
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    layers = _layers(model, groups if structured else None)
+    layers = pruned_layers(model, groups if structured else None)
     collect = collect_curvature or partial(collect_kfac, layers=layers)
     if structured:
         curved = set(layers)
@@ -196,7 +196,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
                        {g: sorted(v) for g, v in state.removed.items()}, state.logs, kept_frac)
 
 
-def _layers(model: nn.Module, groups: list[Group] | None) -> list[str]:
+def pruned_layers(model: nn.Module, groups: list[Group] | None) -> list[str]:
     """Layers that get curvature: `default_layers` (no output head, no tied embedding); for structured pruning
     only those whose weight or bias some group touches."""
     layers = default_layers(model)

@@ -1,0 +1,220 @@
+"""Method × structure × target matrix on SmolLM2-135M: perplexity, parameters, time and peak memory.
+
+    python bench/prune_matrix.py                       # the default matrix (resumes finished runs)
+    python bench/prune_matrix.py --only surgeon/structured/0.8 surgeon/2:4/0.5 --shots 3
+    python bench/prune_matrix.py --table               # rebuild the table and plots from finished runs
+
+Calibration: `--calib-windows` random windows of `--calib-length` tokens from wikitext-2 valid.txt (seed 0).
+Evaluation: the first `--eval-windows` non-overlapping 2048-token windows of wikitext-2-raw wiki.test.raw (the
+whole file tokenized once), or all 147 with `--eval-windows 0`.  Every run starts from the same dense model in
+one process; the dense model's curvature for the first shot is computed once and shared by the runs that use
+KFAC statistics (identical data and model, so identical factors); later shots re-estimate on the pruned model.
+Each run is written to `<out>/runs/<id>.json` as it finishes, so an interrupted matrix resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from passes.curvature import collect_kfac  # noqa: E402
+from passes.surgeon import pruned_layers  # noqa: E402
+from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
+from surgeon_fx.evaluate import perplexity  # noqa: E402
+from surgeon_fx.graph import build_graph  # noqa: E402
+from surgeon_fx.hf import load_smollm2  # noqa: E402
+from surgeon_fx.methods import MethodSpec, prune_model, prunable_groups  # noqa: E402
+
+DATA = ROOT / "../shared/data"
+OUT = ROOT / "docs/results/prune_matrix"
+BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
+# in the order they run: a partial matrix is still a useful table
+MATRIX = ([(m, "structured", 0.9) for m in BASELINES]
+          + [(m, s, 0.5) for s in ("unstructured", "2:4") for m in ("surgeon", "sparsegpt", "wanda") + BASELINES[1:]]
+          + [(m, "structured", 0.8) for m in BASELINES]
+          + [(m, "structured", 0.7) for m in ("surgeon", "magnitude")])
+
+
+class PeakRSS:
+    """Samples this process's resident set size every 50 ms; `.peak` in MiB since start."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page / 2**20)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": commit.stdout.strip() or "unknown",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "loadavg": os.getloadavg()}
+
+
+def run_id(method: str, structure: str, target: float) -> str:
+    return f"{method}_{structure.replace(':', 'of')}_{target:g}"
+
+
+def layer_kept(dense: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, float]:
+    """Kept fraction of each linear weight: non-zeros of the pruned weight / elements of the dense one."""
+    out = {}
+    pruned_mods = dict(pruned.named_modules())
+    for name, mod in dense.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name in pruned_mods and name != "lm_head":
+            out[name] = float((pruned_mods[name].weight != 0).sum()) / mod.weight.numel()
+    return out
+
+
+def shared_first_shot(factors: dict):
+    """A curvature callable that returns `factors` on its first call (the dense model), then recomputes."""
+    calls = {"n": 0}
+
+    def collect(model, windows, layers):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return {k: factors[k] for k in layers if k in factors}
+        return collect_kfac(model, windows, layers=layers)
+
+    return collect
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--calib-length", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=4, help="first k test windows; 0 = all 147")
+    ap.add_argument("--shots", type=int, default=2, help="shots for structured runs")
+    ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
+    ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
+    args = ap.parse_args()
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        write_table(args.out)
+        return
+    todo = [tuple(r.split("/")[:2]) + (float(r.split("/")[2]),) for r in args.only] if args.only else \
+        MATRIX
+    todo = [r for r in todo if not (runs_dir / f"{run_id(*r)}.json").exists()]
+    if not todo:
+        write_table(args.out)
+        return
+
+    model, tokenizer = load_smollm2()
+    calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")),
+                                args.calib_windows, args.calib_length, seed=0)
+    test_ids = tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw"))
+    evals = eval_windows(test_ids, 2048, limit=args.eval_windows or None)
+    setup = {"calibration": f"{args.calib_windows} x {args.calib_length} tokens, wikitext-2 valid.txt, seed 0",
+             "evaluation": f"first {len(evals)} x 2048-token windows of wikitext-2-raw wiki.test.raw",
+             "shots": {"structured": args.shots, "sparse": args.sparse_shots}, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
+    dense_file = args.out / f"dense_{len(evals)}.json"
+    if not dense_file.exists():
+        start = time.perf_counter()
+        ppl = perplexity(model, evals).ppl
+        dense_file.write_text(json.dumps({"ppl": ppl, "eval_s": time.perf_counter() - start, **setup,
+                                          "machine": machine()}, indent=1))
+    graph = build_graph(model, (calib[:1, :64],))
+    factors = None
+    for method, structure, target in todo:
+        shots = args.shots if structure == "structured" else args.sparse_shots
+        spec = MethodSpec(method, structure, target, shots=shots)
+        groups = prunable_groups(graph, False) if structure == "structured" else None
+        needs_kfac = method in ("surgeon", "k-obd", "l-obd")
+        if needs_kfac and factors is None:
+            start = time.perf_counter()
+            layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, False))))
+            factors = collect_kfac(model, calib, layers=layers)
+            print(f"dense curvature: {time.perf_counter() - start:.0f} s", flush=True)
+        pruned = copy.deepcopy(model)
+        n0 = sum(p.numel() for p in pruned.parameters())
+        collect = None
+        if needs_kfac:
+            share = shared_first_shot(factors)
+            layers = pruned_layers(pruned, groups)
+            collect = lambda m, w, _l=layers, _s=share: _s(m, w, _l)  # noqa: E731
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            result = prune_model(pruned, spec, calib, graph, collect_curvature=collect)
+            seconds = time.perf_counter() - start
+        ppl = perplexity(pruned, evals).ppl
+        n1 = sum(p.numel() for p in pruned.parameters())
+        kept = layer_kept(model, pruned)
+        record = {"method": method, "structure": structure, "target": target, "ppl": ppl,
+                  "params_before": n0, "params_after": n1,
+                  "linear_kept": sum(kept[k] * dict(model.named_modules())[k].weight.numel() for k in kept)
+                  / sum(dict(model.named_modules())[k].weight.numel() for k in kept),
+                  "prune_s": seconds, "peak_rss_mib": rss.peak, "layer_kept": kept,
+                  "shot_logs": [vars(s) if hasattr(s, "__dict__") else s for s in result.logs],
+                  "config": result.plan.config if result.plan else {}, **setup, "machine": machine()}
+        (runs_dir / f"{run_id(method, structure, target)}.json").write_text(json.dumps(record, indent=1))
+        print(f"{method:10s} {structure:12s} {target:.2f}  ppl {ppl:9.2f}  params {n1 / n0:.3f}  "
+              f"{seconds:6.0f} s  {rss.peak:6.0f} MiB", flush=True)
+        del pruned
+    write_table(args.out)
+
+
+def write_table(out: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    dense = [json.loads(p.read_text()) for p in sorted(out.glob("dense_*.json"))]
+    if not runs:
+        return
+    dense_ppl = dense[0]["ppl"] if dense else float("nan")
+    order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "k-obd": 3, "l-obd": 4, "magnitude": 5}
+    runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
+    lines = [f"# Pruning SmolLM2-135M: method × structure × target", "",
+             f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",
+             f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}",
+             f"- Evaluation: {runs[0]['evaluation']}",
+             f"- Machine: {runs[0]['machine']['platform']}, {runs[0]['machine']['cpus']} CPUs, torch "
+             f"{runs[0]['machine']['torch']}; commits {sorted({r['machine']['commit'] for r in runs})}",
+             "- Target: fraction of prunable parameters kept (structured: parameters of the exact groups — heads "
+             "and MLP neurons; the residual stream is not pruned; unstructured / N:M: weights of all linear layers "
+             "except the tied output head). `params kept` is of the whole model, `linear kept` of its linear "
+             "layers. Time is the pruning wall time on a shared 2-core box (load average in the JSON).", "",
+             "| structure | target | method | PPL | Δ vs dense | params kept | linear kept | prune time (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['structure']} | {r['target']:.2f} | {r['method']} | {r['ppl']:.2f} | "
+                     f"{(r['ppl'] / dense_ppl - 1) * 100:+.0f}% | {r['params_after'] / r['params_before']:.3f} | "
+                     f"{r['linear_kept']:.3f} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+    (out.parent / "prune_matrix.md").write_text("\n".join(lines) + "\n")
+    (out.parent / "prune_matrix.json").write_text(json.dumps({"dense": dense, "runs": runs}, indent=1))
+    try:
+        from surgeon_fx.report import plot_layer_kept  # the report module's plots, when present
+    except ImportError:
+        return
+    plot_layer_kept(runs, out.parent)
+
+
+if __name__ == "__main__":
+    main()
