@@ -40,25 +40,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-class LogitsWrapper(nn.Module):
-    """``forward(input_ids [B, L]) -> logits [B, L, V]`` for a HF causal LM, without KV cache.
-
-    Also the module to hand to ``torch.export.export(..., strict=False)``.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
-
-
-def lm_forward(model: nn.Module) -> LogitsWrapper:
-    """Callable input_ids -> logits for a HF causal LM (see ``LogitsWrapper``)."""
-    return LogitsWrapper(model)
-
-
 def _build(config, seed: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

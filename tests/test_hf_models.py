@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon_fx.hf import LogitsWrapper, tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.hf import tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.trace import LogitsOf
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"
 BUILDERS = [tiny_llama, lambda: tiny_llama(gqa=False), tiny_opt, tiny_gpt2, tiny_qwen2, tiny_gemma]
@@ -16,7 +17,7 @@ def test_tiny_model_runs_and_exports(build):
     assert not model.training and not model.config.use_cache
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    wrapped = LogitsWrapper(model)
+    wrapped = LogitsOf(model)
     logits = wrapped(ids)
     assert logits.shape == (2, 12, model.config.vocab_size)
     assert torch.isfinite(logits).all()
