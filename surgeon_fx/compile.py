@@ -374,7 +374,7 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
             plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
         with stages("evaluate pruned"):
             after = evaluate(model, mf, data, recipe, device, progress)
-        tokenizer = mf.tokenizer() if hf and mf.tokenizer_fn is not None else None
+        tokenizer = _tokenizer_for_hf(mf) if hf else None
         with emit.atomic_dir(out, overwrite) as tmp:
             with stages("emit + verify"):
                 manifest = _manifest(mf, source, recipe, plan, masks, model)
@@ -390,7 +390,15 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
     finally:
         stages.bar.close()
     shutil.rmtree(work_dir(out), ignore_errors=True)
-    return CompileResult(out, model, data_report, plan, masks)
+    return CompileResult(out, model, data_report, plan, {} if structured else masks)
+
+
+def _tokenizer_for_hf(mf: ModelFile):
+    """The model file's tokenizer to save into hf/, None when it has none (hf/ is then weights + config)."""
+    try:
+        return mf.tokenizer() if mf.tokenizer_fn is not None else None
+    except ModelFileError:
+        return None
 
 
 def _label(recipe: Recipe) -> str:

@@ -38,6 +38,7 @@ from torch import nn
 from surgeon_fx.trace import is_hf_causal_lm
 
 OPTIONAL = ("example_inputs", "calibration", "loss", "evaluation", "tokenizer")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 EXAMPLE_LENGTH = 16  # tokens in the made-up example input of a Hugging Face causal LM
 
 
@@ -210,6 +211,8 @@ def from_hf_folder(path: str | Path) -> ModelFile:
     def tokenizer():
         from transformers import AutoTokenizer
 
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelFileError(f"--hf {path}: the folder has no tokenizer ({', '.join(TOKENIZER_FILES)})")
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     return ModelFile(path.name, build, tokenizer_fn=tokenizer, hf_path=path.resolve())
