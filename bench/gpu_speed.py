@@ -213,8 +213,9 @@ def section_surgeon(device, smoke: bool, deadline: Deadline) -> list[dict]:
     windows, length = (4, 32) if smoke else (32, 512)
     rows, per_layer = [], None
     for depth in depths:
-        if per_layer is not None and per_layer * depth * 1.3 > deadline.left():
-            rows.append({"layers": depth, "skipped": f"estimated {per_layer * depth:.0f} s > time left"})
+        need = 60.0 if per_layer is None else per_layer * depth * 1.3
+        if need > deadline.left():
+            rows.append({"layers": depth, "skipped": f"needs ≈ {need:.0f} s, {deadline.left():.0f} s left"})
             break
         try:
             model = llama({**shape, "num_hidden_layers": depth}, device, torch.float32)

@@ -18,6 +18,7 @@ only on the positions whose logits are computed; `attention_macs` adds the two a
 """
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import statistics
@@ -189,6 +190,7 @@ def peak_memory(model: nn.Module, case: Case) -> PeakMemory:
         case(model)
         sync(dev)
         return PeakMemory(torch.cuda.max_memory_allocated(dev), before, "cuda_max_memory_allocated")
+    gc.collect()  # objects of earlier runs held in reference cycles (a KV cache) would be freed mid-run
     ok = _reset_peak_rss()
     before = (_rss_kib("VmRSS") or 0) * 1024
     case(model)
