@@ -36,7 +36,9 @@ from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokeni
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
-from surgeon_fx.methods import MethodSpec, prune_model, prunable_groups  # noqa: E402
+from passes.rewrite import shrink  # noqa: E402
+from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
+from surgeon_fx.recipe import Recipe  # noqa: E402
 
 DATA = ROOT / "../shared/data"
 OUT = ROOT / "docs/results/prune_matrix"
@@ -106,12 +108,24 @@ def shared_first_shot(factors: dict):
     return collect
 
 
+def dense_factors(model, calib, graph, cache: Path) -> dict:
+    """KFAC factors of the dense model for every layer any run prunes, cached on disk (not committed)."""
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    start = time.perf_counter()
+    layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, 1))))
+    factors = collect_kfac(model, calib, layers=layers)
+    print(f"dense curvature: {time.perf_counter() - start:.0f} s", flush=True)
+    torch.save(factors, cache)
+    return factors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=4, help="first k test windows; 0 = all 147")
-    ap.add_argument("--shots", type=int, default=2, help="shots for structured runs")
+    ap.add_argument("--shots", type=int, default=1, help="shots for structured runs")
     ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -147,14 +161,12 @@ def main() -> None:
     factors = None
     for method, structure, target in todo:
         shots = args.shots if structure == "structured" else args.sparse_shots
-        spec = MethodSpec(method, structure, target, shots=shots)
-        groups = prunable_groups(graph, False) if structure == "structured" else None
+        recipe = Recipe(structure=structure, target=target, method=method, shots=shots)
+        recipe.check()
+        groups = prunable_groups(graph, 1) if structure == "structured" else None
         needs_kfac = method in ("surgeon", "k-obd", "l-obd")
         if needs_kfac and factors is None:
-            start = time.perf_counter()
-            layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, False))))
-            factors = collect_kfac(model, calib, layers=layers)
-            print(f"dense curvature: {time.perf_counter() - start:.0f} s", flush=True)
+            factors = dense_factors(model, calib, graph, args.out / f"dense_factors_{len(calib)}x{calib.shape[1]}.pt")
         pruned = copy.deepcopy(model)
         n0 = sum(p.numel() for p in pruned.parameters())
         collect = None
@@ -164,7 +176,8 @@ def main() -> None:
             collect = lambda m, w, _l=layers, _s=share: _s(m, w, _l)  # noqa: E731
         with PeakRSS() as rss:
             start = time.perf_counter()
-            result = prune_model(pruned, spec, calib, graph, collect_curvature=collect)
+            _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
+            plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
         ppl = perplexity(pruned, evals).ppl
         n1 = sum(p.numel() for p in pruned.parameters())
@@ -174,8 +187,7 @@ def main() -> None:
                   "linear_kept": sum(kept[k] * dict(model.named_modules())[k].weight.numel() for k in kept)
                   / sum(dict(model.named_modules())[k].weight.numel() for k in kept),
                   "prune_s": seconds, "peak_rss_mib": rss.peak, "layer_kept": kept,
-                  "shot_logs": [vars(s) if hasattr(s, "__dict__") else s for s in result.logs],
-                  "config": result.plan.config if result.plan else {}, **setup, "machine": machine()}
+                  "shot_logs": logs, "config": plan.config if plan else {}, **setup, "machine": machine()}
         (runs_dir / f"{run_id(method, structure, target)}.json").write_text(json.dumps(record, indent=1))
         print(f"{method:10s} {structure:12s} {target:.2f}  ppl {ppl:9.2f}  params {n1 / n0:.3f}  "
               f"{seconds:6.0f} s  {rss.peak:6.0f} MiB", flush=True)

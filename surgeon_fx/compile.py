@@ -35,7 +35,7 @@ from passes.rewrite import RewriteError, ShrinkPlan, shrink
 from passes.round_units import set_multiple
 from passes.sequential import find_blocks, is_linear
 from passes.sparsegpt import sparsegpt
-from passes.surgeon import prune
+from passes.surgeon import prune, pruned_layers
 from passes.wanda import wanda
 from surgeon_fx import emit, report
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
@@ -180,16 +180,6 @@ def smallest_target(model: nn.Module, groups: list[Group]) -> float:
     return max(0, total - removable) / max(1, total)
 
 
-def curvature_layers(model: nn.Module, groups: list[Group] | None) -> list[str]:
-    """The layers the multi-shot driver prices: every supported layer but the output head / tied embedding;
-    for structured pruning only those a group touches (as `passes.surgeon.prune` does)."""
-    layers = default_layers(model)
-    if groups is None:
-        return layers
-    touched = {p.rpartition(".")[0] for g in groups for p in g.params()}
-    return [name for name in layers if name in touched]
-
-
 def _sparse_layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
     """Layers an unstructured / N:M run prunes: the block linears (SparseGPT, Wanda) or `default_layers`."""
     if METHODS[recipe.method] is None:
@@ -306,9 +296,13 @@ def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def run_pruning(model: nn.Module, mf: ModelFile, recipe: Recipe, groups: list[Group], calib: Any,
-                device: torch.device, out: Path, resume: bool, progress: bool):
-    """Run the chosen method in place; returns (masks, removed, shot logs)."""
+def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, *, device="cpu",
+                loss=None, checkpoint_dir: Path | None = None, progress: bool = False, collect_curvature=None):
+    """Run the chosen method in place; returns (masks, removed, shot logs).
+
+    loss: the model file's `loss(model, batch)` for non-LM models; checkpoint_dir: where the multi-shot driver
+    checkpoints (None: no checkpoints); collect_curvature(model, windows) replaces the default KFAC collection.
+    """
     nm = recipe.nm()
     if METHODS[recipe.method] is None:
         fn = sparsegpt if recipe.method == "sparsegpt" else wanda
@@ -318,20 +312,17 @@ def run_pruning(model: nn.Module, mf: ModelFile, recipe: Recipe, groups: list[Gr
         masks = {f"{name}.weight": m if isinstance(modules[name], nn.Linear) else m.T for name, m in keep.items()}
         return masks, {}, []
     structured = recipe.structure == "structured"
-    layers = curvature_layers(model, groups if structured else None)
-    collect = partial(collect_kfac, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,
-                      batch_size=recipe.batch_size, device=device, loss_fn=mf.loss, progress=progress,
-                      seed=recipe.seed)
-    work = work_dir(out)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
+    layers = pruned_layers(model, groups if structured else None)
+    collect = collect_curvature or partial(
+        collect_kfac, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,
+        batch_size=recipe.batch_size, device=device, loss_fn=loss, progress=progress, seed=recipe.seed)
     bar = tqdm(total=recipe.shots, desc="shots", unit="shot", disable=not progress, leave=False)
     try:
         result = prune(model, calib, groups if structured else None, recipe.surgeon_config(), collect_curvature=collect,
-                       checkpoint_dir=work / "checkpoint", progress=lambda log: bar.update(1))
+                       checkpoint_dir=checkpoint_dir, progress=lambda log: bar.update(1))
     except ValueError as err:
         if "different config" in str(err):
-            raise CompileError(f"--resume: the checkpoint in {work} was written with other options; run without "
+            raise CompileError(f"--resume: the checkpoint in {checkpoint_dir} was written with other options; run without "
                                f"--resume to start again") from None
         raise
     finally:
@@ -369,7 +360,11 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
         with stages("evaluate dense"):
             before = evaluate(model, mf, data, recipe, device, progress)
         with stages("prune"):
-            masks, removed, shots = run_pruning(model, mf, recipe, groups, calib, device, out, resume, progress)
+            work = work_dir(out)
+            if work.exists() and not resume:
+                shutil.rmtree(work)
+            masks, removed, shots = run_pruning(model, recipe, groups, calib, device=device, loss=mf.loss,
+                                                checkpoint_dir=work / "checkpoint", progress=progress)
         with stages("rewrite"):
             plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
         with stages("evaluate pruned"):
