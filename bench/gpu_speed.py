@@ -121,21 +121,24 @@ def section_gemm(device, smoke: bool) -> list[dict]:
     for out_f, in_f in shapes:
         lin = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.float16)
         mask_linear(lin)
-        sparse = copy.deepcopy(lin)
-        to_semi_structured(nn.Sequential(sparse), torch.float16, device)
-        for n in tokens:
-            x = torch.randn(n, in_f, device=device, dtype=torch.float16)
-            err = float((sparse(x) - lin(x)).abs().max() / lin(x).abs().max())
-            rows.append({"weight": [out_f, in_f], "tokens": n, "rel_err": err,
-                         **pair(lambda: lin(x), lambda: sparse(x), device)})
+        kinds = ("cusparselt", "cutlass") if torch.cuda.get_device_capability()[0] == 8 else ("cusparselt",)
+        for kind in kinds:  # PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
+            holder = nn.Sequential(copy.deepcopy(lin))
+            to_semi_structured(holder, torch.float16, device, kind)
+            sparse = holder[0]
+            for n in tokens:
+                x = torch.randn(n, in_f, device=device, dtype=torch.float16)
+                err = float((sparse(x) - lin(x)).abs().max() / lin(x).abs().max())
+                rows.append({"weight": [out_f, in_f], "tokens": n, "backend": kind, "rel_err": err,
+                             **pair(lambda: lin(x), lambda: sparse(x), device)})
     return rows
 
 
 def _gen(model, ids_prompt, steps):
     out = model(input_ids=ids_prompt, use_cache=True, logits_to_keep=1)
-    cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    cache, tok = speed.kv_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
-        cache = model(input_ids=tok, cache=cache, use_cache=True).cache
+        cache = speed.kv_cache(model(input_ids=tok, use_cache=True, **speed.cache_kwarg(model, cache)))
 
 
 @torch.no_grad()
@@ -205,7 +208,8 @@ def section_structured(device, smoke: bool) -> list[dict]:
 
 
 def section_surgeon(device, smoke: bool, deadline: Deadline) -> list[dict]:
-    from passes.surgeon import SurgeonConfig, prune
+    from passes.curvature import collect_kfac
+    from passes.surgeon import SurgeonConfig, prune, pruned_layers
     from surgeon_fx.graph import build_graph
 
     shape = SMOKE if smoke else {**LLAMA_7B, "num_key_value_heads": 8}
@@ -224,7 +228,9 @@ def section_surgeon(device, smoke: bool, deadline: Deadline) -> list[dict]:
             t_graph = time.perf_counter() - t0
             calib = torch.randint(0, shape["vocab_size"], (windows, length), device=device)
             t0 = time.perf_counter()
-            result = prune(model, calib, graph.groups, SurgeonConfig(structure="structured", target=0.8, shots=1))
+            layers = pruned_layers(model, graph.groups)
+            result = prune(model, calib, graph.groups, SurgeonConfig(structure="structured", target=0.8, shots=1),
+                           collect_curvature=lambda m, w: collect_kfac(m, w, layers, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter() - t0
@@ -247,6 +253,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "docs/results")))
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped after it")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sections", default="gemm,end_to_end,structured,surgeon", help="comma-separated subset")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     deadline = Deadline(args.budget)
@@ -259,9 +266,11 @@ def main() -> None:
                 ("structured", lambda: section_structured(device, args.smoke)),
                 ("surgeon", lambda: section_surgeon(device, args.smoke, deadline))]
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, fn in sections:
+    wanted = set(args.sections.split(","))
+    for name, fn in [s for s in sections if s[0] in wanted]:
         if deadline.left() <= 0:
             res[name] = {"skipped": "time budget spent"}
+            (args.out / "gpu_speed.json").write_text(json.dumps(res, indent=1, default=str))
             continue
         t0 = time.perf_counter()
         try:

@@ -230,9 +230,9 @@ prefill (tokens/s = B·N / time).  CPU clock: CPU time of the process with one i
 see `surgeon_fx/speed.py`).  Peak memory on CPU: the kernel's peak RSS (reset before each run), whole process
 (all models loaded), and what the run added to it.
 
-GPU numbers are owed: no GPU session was lent to this task.  `bench/gpu_speed.py` is the prepared script
-(2:4 semi-structured GEMMs 4096×4096 / 11008×4096 / 4096×11008 at 2048/128/16 tokens, a 2:4 Llama-7B-shaped
-model end to end, width-pruned 7B shapes vs ideal with and without rounding, structured LLM Surgeon throughput)."""
+GPU numbers: `bench/gpu_speed.py` (2:4 semi-structured GEMMs and a 2:4 Llama-7B-shaped model end to end,
+width-pruned 7B shapes vs ideal with and without rounding, structured LLM Surgeon throughput); the H200 results
+are in `docs/results/gpu_speed_h200.md`."""
 
 
 def to_markdown(r: dict) -> str:

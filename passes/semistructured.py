@@ -91,10 +91,26 @@ def plan(model: nn.Module, kind: str | None = None) -> SemiStructuredReport:
     return report
 
 
+class SemiStructuredLinear(nn.Module):
+    """A linear layer whose weight is a 2:4 semi-structured tensor; inputs of any rank are flattened to 2-D
+    (the sparse tensor supports `linear` on 2-D inputs only: a 3-D one reaches an unsupported `expand`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 @torch.no_grad()
 def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16,
-                       device: torch.device | str | None = None) -> SemiStructuredReport:
-    """Move `model` to the GPU in `dtype` and store every qualifying 2:4 linear weight semi-structured, in place.
+                       device: torch.device | str | None = None, kind: str | None = None) -> SemiStructuredReport:
+    """Move `model` to the GPU in `dtype` and replace every qualifying 2:4 `nn.Linear` by a
+    `SemiStructuredLinear`, in place.  `kind`: "cusparselt" or "cutlass" (default: `backend()`).
 
     Raises `SemiStructuredUnavailable` (model untouched) on a machine without a capable GPU.
     """
@@ -103,14 +119,16 @@ def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16,
     dev = check_available(device)
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-    kind = backend()
+    kind = kind or backend()
     cls = SparseSemiStructuredTensorCUSPARSELT if kind == "cusparselt" else SparseSemiStructuredTensorCUTLASS
     model.to(device=dev, dtype=dtype)
     report = plan(model, kind)
     report.dtype = dtype
     for name in report.converted:
         mod = model.get_submodule(name)
-        mod.weight = nn.Parameter(cls.from_dense(mod.weight.detach().contiguous()), requires_grad=False)
+        new = SemiStructuredLinear(cls.from_dense(mod.weight.detach().contiguous()), mod.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
     return report
 
 

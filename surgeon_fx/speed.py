@@ -19,6 +19,7 @@ only on the positions whose logits are computed; `attention_macs` adds the two a
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import resource
 import statistics
@@ -103,16 +104,27 @@ def decode_case(batch: int, prompt: int, new_tokens: int, clock: str = "wall") -
     def run(model: nn.Module) -> float:
         dev = device_of(model)
         ids = _tokens(model, batch, prompt + new_tokens)
-        out = model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        cache = kv_cache(model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1))
         sync(dev)
         t0 = now()
         for i in range(prompt, prompt + new_tokens):
-            cache = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).cache
+            cache = kv_cache(model(input_ids=ids[:, i:i + 1], use_cache=True, **cache_kwarg(model, cache)))
         sync(dev)
         return now() - t0
 
     return run
+
+
+def kv_cache(output):
+    """The KV cache of a HF output (`cache` in transformers ≥ 5.2x, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_kwarg(model: nn.Module, cache) -> dict:
+    """{name: cache} under the keyword this model's forward takes (`cache` or `past_key_values`)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 @dataclass
