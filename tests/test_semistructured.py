@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from passes.nm import nm_mask
-from passes.semistructured import (SemiStructuredUnavailable, check_available, nm_violations, plan,
-                                   relative_error, skip_reason, to_semi_structured)
+from passes.semistructured import (SemiStructuredLinear, SemiStructuredUnavailable, check_available, nm_violations,
+                                   plan, relative_error, skip_reason, to_semi_structured)
 from surgeon_fx.hf import tiny_llama
 
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,6 +71,15 @@ def test_cpu_fallback_raises_and_leaves_model_untouched():
         check_available()
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32 and p.device.type == "cpu" and torch.equal(p, before[n])
+
+
+def test_semi_structured_linear_flattens_inputs():
+    """The wrapper's 2-D flattening (shown with a dense weight: the sparse one needs a GPU) equals nn.Linear."""
+    lin = nn.Linear(8, 4)
+    wrapped = SemiStructuredLinear(lin.weight.detach(), lin.bias)
+    x = torch.randn(2, 3, 8)
+    assert wrapped.in_features == 8 and wrapped.out_features == 4
+    assert torch.allclose(wrapped(x), lin(x), atol=1e-6)
 
 
 def test_rejects_float32():
