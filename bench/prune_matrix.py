@@ -39,6 +39,7 @@ from surgeon_fx.hf import load_smollm2  # noqa: E402
 from passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
+from surgeon_fx.report import LayerRow, layer_depth, layer_kind, plot_kept  # noqa: E402
 
 DATA = ROOT / "../shared/data"
 OUT = ROOT / "docs/results/prune_matrix"
@@ -134,6 +135,8 @@ def main() -> None:
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if args.table:
+        if not (args.out / "layer_sizes.json").exists():
+            save_layer_sizes(load_smollm2()[0], args.out)
         write_table(args.out)
         return
     todo = [tuple(r.split("/")[:2]) + (float(r.split("/")[2]),) for r in args.only] if args.only else \
@@ -144,6 +147,7 @@ def main() -> None:
         return
 
     model, tokenizer = load_smollm2()
+    save_layer_sizes(model, args.out)
     calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")),
                                 args.calib_windows, args.calib_length, seed=0)
     test_ids = tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw"))
@@ -195,6 +199,12 @@ def main() -> None:
     write_table(args.out)
 
 
+def save_layer_sizes(model, out: Path) -> None:
+    """Weights per linear layer of the dense model: the weights of the per-depth and per-kind plots."""
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    (out / "layer_sizes.json").write_text(json.dumps(sizes))
+
+
 def write_table(out: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     dense = [json.loads(p.read_text()) for p in sorted(out.glob("dense_*.json"))]
@@ -221,12 +231,15 @@ def write_table(out: Path) -> None:
                      f"{r['linear_kept']:.3f} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     (out.parent / "prune_matrix.md").write_text("\n".join(lines) + "\n")
     (out.parent / "prune_matrix.json").write_text(json.dumps({"dense": dense, "runs": runs}, indent=1))
-    try:
-        from surgeon_fx.report import plot_layer_kept  # the report module's plots, when present
-    except ImportError:
-        return
-    plot_layer_kept(runs, out.parent)
+    sizes = json.loads((out / "layer_sizes.json").read_text())
+    for structure in sorted({r["structure"] for r in runs}):
+        chosen = [r for r in runs if r["structure"] == structure]
+        folder = out.parent / f"prune_matrix_{structure.replace(':', 'of')}"
+        folder.mkdir(exist_ok=True)
+        plot_kept({f"{r['method']} {r['target']:g}": rows_of(r, sizes) for r in chosen}, folder)
 
 
-if __name__ == "__main__":
-    main()
+def rows_of(run: dict, sizes: dict[str, int]) -> list[LayerRow]:
+    """The run's kept fractions as report rows (weights per layer from the dense model)."""
+    return [LayerRow(name, layer_kind(name, "Linear"), layer_depth(name), sizes[name], round(frac * sizes[name]))
+            for name, frac in run["layer_kept"].items()]

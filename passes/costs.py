@@ -57,7 +57,8 @@ def unit_costs(units: list[UnitBlocks], layers: dict[str, tuple[Tensor, LayerCur
     layer are priced in one batched solve.  A unit holding both rows and columns of one layer is priced as the
     sum of the two block costs (their shared entries counted twice).
     """
-    total = torch.zeros(len(units), dtype=torch.float64)
+    device = next(iter(layers.values()))[0].device if layers else None
+    total = torch.zeros(len(units), dtype=torch.float64, device=device)
     for side in ("rows", "cols"):
         buckets: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
         for u, blocks in enumerate(units):
@@ -65,8 +66,8 @@ def unit_costs(units: list[UnitBlocks], layers: dict[str, tuple[Tensor, LayerCur
                 buckets.setdefault((name, idx.numel()), []).append((u, idx))
         for (name, _), items in buckets.items():
             W, curv = layers[name]
-            who = torch.tensor([u for u, _ in items])
-            blocks = torch.stack([idx for _, idx in items])
+            who = torch.tensor([u for u, _ in items], device=device)
+            blocks = torch.stack([idx for _, idx in items]).to(device)
             if side == "rows":
                 c = row_block_costs(W, curv.A, curv.G_inv, blocks)
             else:

@@ -262,7 +262,7 @@ def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State
     costs, scores = {}, {}
     for g in groups:
         costs[g.name] = unit_costs(blocks[g.name], mats)
-        size = torch.tensor(sizes[g.name], dtype=torch.float64).clamp_min(1)
+        size = torch.tensor(sizes[g.name], dtype=torch.float64, device=costs[g.name].device).clamp_min(1)
         scores[g.name] = costs[g.name] / size if config.per_param else costs[g.name]
     kept_now = sum(int(m.sum()) for m in state.masks.values())
     new = select_units(scores, sizes, {g: set(v) for g, v in state.removed.items()}, kept_now - kept_target,
@@ -273,12 +273,13 @@ def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State
         for u in new[g.name]:
             for s in g.units[u].slices:
                 if s.param in state.masks:
-                    state.masks[s.param].index_fill_(s.dim, s.index, False)
+                    state.masks[s.param].index_fill_(s.dim, s.index.to(state.masks[s.param].device), False)
     for name in layers:
         rows, cols = _removed_blocks(name, groups, blocks, state.removed)
         if not rows.numel() and not cols.numel():
             continue
         M, c = mats[name]
+        rows, cols = rows.to(M.device), cols.to(M.device)
         if config.update == "correlated" and not is_diagonal(config.curvature):
             M = remove_rows_cols(M, c.G_inv, c.A_inv, rows, cols)
         else:
