@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
+    ap.add_argument("--reverse", action="store_true", help="take the runs from the end (a second worker)")
     args = ap.parse_args()
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,7 @@ def main() -> None:
         return
     todo = [tuple(r.split("/")[:2]) + (float(r.split("/")[2]),) for r in args.only] if args.only else \
         MATRIX
-    todo = [r for r in todo if not (runs_dir / f"{run_id(*r)}.json").exists()]
+    todo = [r for r in (todo[::-1] if args.reverse else todo) if not (runs_dir / f"{run_id(*r)}.json").exists()]
     if not todo:
         write_table(args.out)
         return
@@ -164,6 +165,10 @@ def main() -> None:
     graph = build_graph(model, (calib[:1, :64],))
     factors = None
     for method, structure, target in todo:
+        claim = runs_dir / f"{run_id(method, structure, target)}.running"
+        if (runs_dir / f"{run_id(method, structure, target)}.json").exists() or claim.exists():
+            continue  # finished or taken by another worker
+        claim.touch()
         shots = args.shots if structure == "structured" else args.sparse_shots
         recipe = Recipe(structure=structure, target=target, method=method, shots=shots)
         recipe.check()
@@ -193,6 +198,7 @@ def main() -> None:
                   "prune_s": seconds, "peak_rss_mib": rss.peak, "layer_kept": kept,
                   "shot_logs": logs, "config": plan.config if plan else {}, **setup, "machine": machine()}
         (runs_dir / f"{run_id(method, structure, target)}.json").write_text(json.dumps(record, indent=1))
+        claim.unlink()
         print(f"{method:10s} {structure:12s} {target:.2f}  ppl {ppl:9.2f}  params {n1 / n0:.3f}  "
               f"{seconds:6.0f} s  {rss.peak:6.0f} MiB", flush=True)
         del pruned

@@ -13,13 +13,4 @@ def build():
     return tiny_opt(seed=0)
 
 
-def tokenizer():
-    return zoo.ByteTokenizer(vocab=128)
-
-
-def calibration(n, length, seed):
-    return zoo.text_calibration(tokenizer(), n, length, seed)
-
-
-def evaluation():
-    return zoo.text_evaluation(tokenizer(), length=128, limit=32)
+tokenizer, calibration, evaluation = zoo.byte_text_contract(vocab=128, eval_length=128, eval_limit=32)

@@ -50,6 +50,21 @@ def text_evaluation(tokenizer, length: int, limit: int | None = None,
     return eval_windows(ids, length, limit=min(limit, ids.numel() // length) if limit else None)
 
 
+def byte_text_contract(vocab: int = 128, eval_length: int = 128, eval_limit: int = 32):
+    """(tokenizer, calibration, evaluation) functions of a model file over WikiText-2 read one byte per token."""
+
+    def tokenizer():
+        return ByteTokenizer(vocab=vocab)
+
+    def calibration(n, length, seed):
+        return text_calibration(tokenizer(), n, length, seed)
+
+    def evaluation():
+        return text_evaluation(tokenizer(), length=eval_length, limit=eval_limit)
+
+    return tokenizer, calibration, evaluation
+
+
 def image_batches(n: int, batch: int, classes: int, size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` random images [3, size, size] with random labels, in batches of `batch` (seeded)."""
     gen = torch.Generator().manual_seed(seed)
