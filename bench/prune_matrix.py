@@ -249,3 +249,7 @@ def rows_of(run: dict, sizes: dict[str, int]) -> list[LayerRow]:
     """The run's kept fractions as report rows (weights per layer from the dense model)."""
     return [LayerRow(name, layer_kind(name, "Linear"), layer_depth(name), sizes[name], round(frac * sizes[name]))
             for name, frac in run["layer_kept"].items()]
+
+
+if __name__ == "__main__":
+    main()
