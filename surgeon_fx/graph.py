@@ -147,6 +147,9 @@ class Builder:
             elif node.op == "output":
                 for arg in torch.fx.node.map_arg(node.args, lambda n: n).__iter__():
                     self._freeze_outputs(arg, node)
+        for parent, (kind, kids) in self.spaces.split.items():  # a split links a space to its factors
+            for k in kids:
+                self.links.add_edge(parent, k, op=f"{kind} split", node="")
         self.spaces.propagate_flags()
 
     def _placeholder(self, node):
@@ -273,6 +276,20 @@ class DependencyGraph:
         why = {self.spaces.find(l): self.spaces.frozen.get(self.spaces.find(l)) for l, _ in leaves}
         frozen = [f"{self.spaces.size[l]}-wide factor frozen: {r}" for l, r in why.items() if r]
         return f"{param}[{dim}] is pruned by group(s) {names}" + (f"; {'; '.join(frozen)}" if frozen else "")
+
+    def why_coupled(self, a: tuple[str, int], b: tuple[str, int]) -> list[str]:
+        """The chain of ops that couples dim a[1] of parameter a[0] with dim b[1] of b[0] ([] if none)."""
+        src, dst = self.param_dims(a[0])[a[1]], self.param_dims(b[0])[b[1]]
+        try:
+            path = nx.shortest_path(self.links, src, dst)
+        except nx.NetworkXNoPath:
+            return []
+        steps = []
+        for u, v in zip(path, path[1:]):
+            data = next(iter(self.links.get_edge_data(u, v).values()))
+            label = self.links.nodes[v].get("label", f"space {v}")
+            steps.append(f"{data['op']} ({data['node']}) → {label}" if data["node"] else f"{data['op']} → {label}")
+        return steps
 
     def describe(self) -> str:
         """Human-readable listing: one line per group, then the attention structures and unknown ops."""

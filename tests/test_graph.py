@@ -182,3 +182,11 @@ def test_describe_names_modules():
     text = g.describe()
     assert "blocks.1.attn.kv_heads: 2 kv_heads" in text
     assert "4 query heads = 2 KV heads × 2 query heads each" in text
+
+
+def test_why_coupled_walks_the_op_chain():
+    m = TinyMLP((6, 9, 4)).eval()
+    g = build_graph(m, (torch.randn(2, 6),))
+    chain = g.why_coupled(("layers.0.weight", 0), ("layers.1.weight", 1))
+    assert chain and any("relu" in step for step in chain) and any("linear" in step for step in chain)
+    assert g.why_coupled(("layers.0.weight", 0), ("layers.0.weight", 1)) == []
