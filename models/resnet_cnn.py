@@ -17,17 +17,4 @@ def build():
     return zoo.ResNetCNN(channels=16, hidden=32, blocks=2, classes=CLASSES).eval()
 
 
-def example_inputs():
-    return (torch.randn(2, 3, SIZE, SIZE),)
-
-
-def calibration(n, length, seed):  # length: not used by image models
-    return zoo.image_batches(n, batch=8, classes=CLASSES, size=SIZE, seed=seed)
-
-
-def loss(model, batch):
-    return zoo.classification_loss(model, batch)
-
-
-def evaluation():
-    return zoo.image_batches(64, batch=16, classes=CLASSES, size=SIZE, seed=12345)
+example_inputs, calibration, loss, evaluation = zoo.image_contract(SIZE, CLASSES)

@@ -16,17 +16,4 @@ def build():
     return zoo.ViTEncoder(image=SIZE, patch=4, width=32, heads=4, depth=2, mlp=64, classes=CLASSES).eval()
 
 
-def example_inputs():
-    return (torch.randn(2, 3, SIZE, SIZE),)
-
-
-def calibration(n, length, seed):  # length: not used by image models
-    return zoo.image_batches(n, batch=8, classes=CLASSES, size=SIZE, seed=seed)
-
-
-def loss(model, batch):
-    return zoo.classification_loss(model, batch)
-
-
-def evaluation():
-    return zoo.image_batches(64, batch=16, classes=CLASSES, size=SIZE, seed=12345)
+example_inputs, calibration, loss, evaluation = zoo.image_contract(SIZE, CLASSES)

@@ -65,6 +65,21 @@ def byte_text_contract(vocab: int = 128, eval_length: int = 128, eval_limit: int
     return tokenizer, calibration, evaluation
 
 
+def image_contract(size: int, classes: int):
+    """(example_inputs, calibration, loss, evaluation) of a model file for random size × size RGB images."""
+
+    def example_inputs():
+        return (torch.randn(2, 3, size, size),)
+
+    def calibration(n, length, seed):  # length: not used by image models
+        return image_batches(n, batch=8, classes=classes, size=size, seed=seed)
+
+    def evaluation():
+        return image_batches(64, batch=16, classes=classes, size=size, seed=12345)
+
+    return example_inputs, calibration, classification_loss, evaluation
+
+
 def image_batches(n: int, batch: int, classes: int, size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` random images [3, size, size] with random labels, in batches of `batch` (seeded)."""
     gen = torch.Generator().manual_seed(seed)

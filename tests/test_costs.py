@@ -7,24 +7,7 @@ from passes.blocks import UnitBlocks
 from passes.costs import col_block_costs, element_costs, row_block_costs, unit_costs
 from passes.update import col_update, row_update
 
-F64 = torch.float64
-
-
-def spd(n, gen):
-    Q = torch.randn(n, n, generator=gen, dtype=F64)
-    return Q @ Q.t() / n + 0.1 * torch.eye(n, dtype=F64)
-
-
-def kkt(F, theta, removed_idx):
-    """min ½ xᵀ F x  s.t.  x[removed] = −θ[removed], solved as one KKT system → (x, loss)."""
-    n, k = F.shape[0], removed_idx.numel()
-    E = torch.zeros(k, n, dtype=F64)
-    E[torch.arange(k), removed_idx] = 1.0
-    K = torch.zeros(n + k, n + k, dtype=F64)
-    K[:n, :n], K[:n, n:], K[n:, :n] = F, E.t(), E
-    rhs = torch.cat([torch.zeros(n, dtype=F64), -theta[removed_idx]])
-    x = torch.linalg.solve(K, rhs)[:n]
-    return x, 0.5 * x @ F @ x
+from tests.kkt import F64, kkt, spd
 
 
 @pytest.mark.parametrize("seed", range(4))
