@@ -78,19 +78,7 @@ def forward_case(batch: int, seq: int, call: Callable[[nn.Module, torch.Tensor],
 
 def prefill_case(batch: int, seq: int, clock: str = "wall") -> Case:
     """Prefill as generation does it: the prompt into a fresh KV cache, logits for the last position only."""
-    now = CLOCKS[clock]
-
-    @torch.inference_mode()
-    def run(model: nn.Module) -> float:
-        dev = device_of(model)
-        ids = _tokens(model, batch, seq)
-        sync(dev)
-        t0 = now()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        sync(dev)
-        return now() - t0
-
-    return run
+    return forward_case(batch, seq, lambda m, ids: m(input_ids=ids, use_cache=True, logits_to_keep=1), clock)
 
 
 def decode_case(batch: int, prompt: int, new_tokens: int, clock: str = "wall") -> Case:
