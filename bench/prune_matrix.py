@@ -37,6 +37,7 @@ from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
 from passes.rewrite import shrink  # noqa: E402
+from passes.slicegpt import slice_residual  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
 from surgeon_fx.report import LayerRow, layer_depth, layer_kind, plot_kept  # noqa: E402
@@ -48,7 +49,9 @@ BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
 MATRIX = ([(m, "structured", 0.9) for m in BASELINES]
           + [(m, s, 0.5) for s in ("unstructured", "2:4") for m in ("surgeon", "sparsegpt", "wanda") + BASELINES[1:]]
           + [(m, "structured", 0.8) for m in BASELINES]
-          + [(m, "structured", 0.7) for m in ("surgeon", "magnitude")])
+          + [(m, "structured", 0.7) for m in ("surgeon", "magnitude")]
+          + [("slicegpt", "structured", t) for t in (0.9, 0.8, 0.7)]
+          + [(m, "structured", 0.7) for m in ("k-obd", "l-obd")])
 
 
 class PeakRSS:
@@ -170,8 +173,8 @@ def main() -> None:
             continue  # finished or taken by another worker
         claim.touch()
         shots = args.shots if structure == "structured" else args.sparse_shots
-        recipe = Recipe(structure=structure, target=target, method=method, shots=shots)
-        recipe.check()
+        if method != "slicegpt":  # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
+            Recipe(structure=structure, target=target, method=method, shots=shots).check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None
         needs_kfac = method in ("surgeon", "k-obd", "l-obd")
         if needs_kfac and factors is None:
@@ -185,8 +188,14 @@ def main() -> None:
             collect = lambda m, w, _l=layers, _s=share: _s(m, w, _l)  # noqa: E731
         with PeakRSS() as rss:
             start = time.perf_counter()
-            _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
-            plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
+            if method == "slicegpt":
+                width = round(target * pruned.config.hidden_size)
+                sliced = slice_residual(pruned, graph, calib, width)
+                plan, logs = None, [{"width": width, "kept_energy": sliced.kept_energy}]
+            else:
+                recipe = Recipe(structure=structure, target=target, method=method, shots=shots)
+                _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
+                plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
         ppl = perplexity(pruned, evals).ppl
         n1 = sum(p.numel() for p in pruned.parameters())
@@ -217,7 +226,7 @@ def write_table(out: Path) -> None:
     if not runs:
         return
     dense_ppl = dense[0]["ppl"] if dense else float("nan")
-    order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "k-obd": 3, "l-obd": 4, "magnitude": 5}
+    order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "slicegpt": 3, "k-obd": 4, "l-obd": 5, "magnitude": 6}
     runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
     lines = [f"# Pruning SmolLM2-135M: method × structure × target", "",
              f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",

@@ -39,6 +39,7 @@ from passes.update import remove_rows_cols, rowwise_update
 from surgeon_fx.groups import Group, Unit
 
 STRUCTURES = ("unstructured", "2:4", "4:8", "n:m", "structured")
+UPDATES = ("correlated", "consumer", "none")
 CHECKPOINT = "surgeon_state.pt"
 
 
@@ -49,7 +50,13 @@ class SurgeonConfig:
     structure: "unstructured" | "2:4" | "4:8" | "n:m" (with `nm=(n, m)`) | "structured" (needs groups).
     target: fraction kept at the end (ignored for N:M, where it is n/m); shots: T; schedule: "linear".
     curvature: "kfac" (LLM Surgeon) | "identity" (magnitude) | "diag_a" (L-OBD) | "diag_ga" (K-OBD).
-    update: "correlated" | "none" (baselines have diagonal curvature: their correlated update is zeroing).
+    update: "correlated" | "consumer" | "none" (baselines have diagonal curvature: their update is zeroing).
+    Structured "correlated" applies the block-diagonal optimum to every layer a unit touches: row updates in the
+    producers (via G) *and* column updates in the consumers (via A).  For a unit that removes both (a neuron:
+    gate/up rows and the down column; a head: Q/K/V rows and O columns) each side compensates the same lost
+    signal, so the two updates add up to an overcompensation.  "consumer" keeps only the column updates for
+    such units (a unit with no column in a curved layer still gets its row update); for unstructured and N:M
+    it is the same as "correlated".
     damp_a / damp_g: relative damping (× mean diagonal); damp_g None → 0.1 for unstructured and N:M, 0.01
     for structured (the paper's defaults).  target_of: "prunable" | "all".  per_param: rank structured units
     by cost per removed parameter (True) or by raw cost.  lora_rank 0 = no low-rank corrections.
@@ -76,8 +83,8 @@ class SurgeonConfig:
             raise ValueError(f"structure must be one of {STRUCTURES}, not {self.structure!r}")
         if self.structure == "n:m" and self.nm is None:
             raise ValueError("structure 'n:m' needs nm=(n, m)")
-        if self.update not in ("correlated", "none"):
-            raise ValueError(f"update must be 'correlated' or 'none', not {self.update!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, not {self.update!r}")
         if self.target_of not in ("prunable", "all"):
             raise ValueError(f"target_of must be 'prunable' or 'all', not {self.target_of!r}")
         needs_data(self.curvature)
@@ -242,7 +249,7 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         M = read_matrix(m)
         removed = torch.zeros_like(M, dtype=torch.bool)
         removed[:, : after[name].shape[1]] = after[name]
-        if config.update == "correlated" and not is_diagonal(config.curvature):
+        if config.update != "none" and not is_diagonal(config.curvature):
             M = rowwise_update(M, curv[name].A_inv, removed)
         else:
             M = M.masked_fill(removed, 0.0)
@@ -280,8 +287,11 @@ def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State
             continue
         M, c = mats[name]
         rows, cols = rows.to(M.device), cols.to(M.device)
-        if config.update == "correlated" and not is_diagonal(config.curvature):
-            M = remove_rows_cols(M, c.G_inv, c.A_inv, rows, cols)
+        if config.update != "none" and not is_diagonal(config.curvature):
+            updated = (_removed_blocks(name, groups, blocks, state.removed, producers_only=True)[0].to(M.device)
+                       if config.update == "consumer" else rows)
+            M = remove_rows_cols(M, c.G_inv, c.A_inv, updated, cols)
+            M[rows] = 0
         else:
             M = M.clone()
             M[rows] = 0
@@ -290,12 +300,15 @@ def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State
     return cost
 
 
-def _removed_blocks(name: str, groups, blocks, removed) -> tuple[Tensor, Tensor]:
-    """Union of the rows and of the columns of layer `name` held by every removed unit."""
+def _removed_blocks(name: str, groups, blocks, removed, producers_only: bool = False) -> tuple[Tensor, Tensor]:
+    """Union of the rows and of the columns of layer `name` held by every removed unit (producers_only: only
+    the units that remove no column of any curved layer)."""
     rows, cols = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for g in groups:
         for u in removed[g.name]:
             b = blocks[g.name][u]
+            if producers_only and b.cols:
+                continue
             if name in b.rows:
                 rows.append(b.rows[name])
             if name in b.cols:
