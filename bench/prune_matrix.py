@@ -43,15 +43,13 @@ from surgeon_fx.recipe import Recipe  # noqa: E402
 from surgeon_fx.report import LayerRow, layer_depth, layer_kind, plot_kept  # noqa: E402
 
 DATA = ROOT / "../shared/data"
-OUT = ROOT / "docs/results/prune_matrix"
+RESULTS = ROOT / "docs/results"
+CACHE = RESULTS / "prune_matrix_cache"  # dense KFAC factors per calibration size (not committed)
 BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
-# in the order they run: a partial matrix is still a useful table
-MATRIX = ([(m, "structured", 0.9) for m in BASELINES]
-          + [(m, s, 0.5) for s in ("unstructured", "2:4") for m in ("surgeon", "sparsegpt", "wanda") + BASELINES[1:]]
-          + [(m, "structured", 0.8) for m in BASELINES]
-          + [(m, "structured", 0.7) for m in ("surgeon", "magnitude")]
-          + [("slicegpt", "structured", t) for t in (0.9, 0.8, 0.7)]
-          + [(m, "structured", 0.7) for m in ("k-obd", "l-obd")])
+# in the order they run: a partial matrix is still a useful table (the slow LLM Surgeon sparse runs come last)
+MATRIX = ([(m, "structured", t) for t in (0.9, 0.8, 0.7) for m in BASELINES + ("slicegpt",)]
+          + [(m, s, 0.5) for s in ("2:4", "unstructured") for m in ("sparsegpt", "wanda") + BASELINES[1:]]
+          + [("surgeon", s, 0.5) for s in ("2:4", "unstructured")])
 
 
 class PeakRSS:
@@ -116,6 +114,7 @@ def dense_factors(model, calib, graph, cache: Path) -> dict:
     """KFAC factors of the dense model for every layer any run prunes, cached on disk (not committed)."""
     if cache.exists():
         return torch.load(cache, weights_only=False)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, 1))))
     factors = collect_kfac(model, calib, layers=layers)
@@ -126,16 +125,18 @@ def dense_factors(model, calib, graph, cache: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=4, help="first k test windows; 0 = all 147")
     ap.add_argument("--shots", type=int, default=1, help="shots for structured runs")
     ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, help="run folder (default docs/results/prune_matrix_<W>x<L>); the table "
+                                             "is <out>.md, the plots <out>_<structure>/")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
     ap.add_argument("--reverse", action="store_true", help="take the runs from the end (a second worker)")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / f"prune_matrix_{args.calib_windows}x{args.calib_length}"
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if args.table:
@@ -178,7 +179,7 @@ def main() -> None:
         groups = prunable_groups(graph, 1) if structure == "structured" else None
         needs_kfac = method in ("surgeon", "k-obd", "l-obd")
         if needs_kfac and factors is None:
-            factors = dense_factors(model, calib, graph, args.out / f"dense_factors_{len(calib)}x{calib.shape[1]}.pt")
+            factors = dense_factors(model, calib, graph, CACHE / f"dense_factors_{len(calib)}x{calib.shape[1]}.pt")
         pruned = copy.deepcopy(model)
         n0 = sum(p.numel() for p in pruned.parameters())
         collect = None
@@ -236,7 +237,9 @@ def write_table(out: Path) -> None:
              f"{runs[0]['machine']['torch']}; commits {sorted({r['machine']['commit'] for r in runs})}",
              "- Target: fraction of prunable parameters kept (structured: parameters of the exact groups — heads "
              "and MLP neurons; the residual stream is not pruned; unstructured / N:M: weights of all linear layers "
-             "except the tied output head). `params kept` is of the whole model, `linear kept` of its linear "
+             "except the tied output head). SliceGPT instead slices the residual stream to round(target × 576) "
+             "channels, so its `linear kept` equals the target and it also shrinks the embedding (hence its "
+             "lower `params kept`). `params kept` is of the whole model, `linear kept` of its linear "
              "layers. Time is the pruning wall time on a shared 2-core box (load average in the JSON).", "",
              "| structure | target | method | PPL | Δ vs dense | params kept | linear kept | prune time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -244,12 +247,12 @@ def write_table(out: Path) -> None:
         lines.append(f"| {r['structure']} | {r['target']:.2f} | {r['method']} | {r['ppl']:.2f} | "
                      f"{(r['ppl'] / dense_ppl - 1) * 100:+.0f}% | {r['params_after'] / r['params_before']:.3f} | "
                      f"{r['linear_kept']:.3f} | {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |")
-    (out.parent / "prune_matrix.md").write_text("\n".join(lines) + "\n")
-    (out.parent / "prune_matrix.json").write_text(json.dumps({"dense": dense, "runs": runs}, indent=1))
+    (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
+    (out.parent / f"{out.name}.json").write_text(json.dumps({"dense": dense, "runs": runs}, indent=1))
     sizes = json.loads((out / "layer_sizes.json").read_text())
     for structure in sorted({r["structure"] for r in runs}):
         chosen = [r for r in runs if r["structure"] == structure]
-        folder = out.parent / f"prune_matrix_{structure.replace(':', 'of')}"
+        folder = out.parent / f"{out.name}_{structure.replace(':', 'of')}"
         folder.mkdir(exist_ok=True)
         plot_kept({f"{r['method']} {r['target']:g}": rows_of(r, sizes) for r in chosen}, folder)
 

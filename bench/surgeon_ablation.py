@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.prune_matrix import DATA, OUT, PeakRSS, dense_factors, machine, shared_first_shot  # noqa: E402
+from bench.prune_matrix import CACHE, DATA, PeakRSS, dense_factors, machine, shared_first_shot  # noqa: E402
 from passes.rewrite import shrink  # noqa: E402
 from passes.surgeon import SurgeonConfig, prune, pruned_layers  # noqa: E402
 from surgeon_fx.compile import prunable_groups  # noqa: E402
@@ -34,14 +34,18 @@ from surgeon_fx.hf import load_smollm2  # noqa: E402
 RESULTS = ROOT / "docs/results/surgeon_ablation"
 # name -> (SurgeonConfig options, calibration windows of 512 tokens)
 VARIANTS = {
+    "k-obd": ({"curvature": "diag_ga"}, 8),
     "correlated": ({"update": "correlated"}, 8),
     "none": ({"update": "none"}, 8),
     "consumer": ({"update": "consumer"}, 8),
     "correlated-damp0.1": ({"update": "correlated", "damp_a": 0.1, "damp_g": 0.1}, 8),
     "consumer-damp0.1": ({"update": "consumer", "damp_a": 0.1}, 8),
     "consumer-damp0.001": ({"update": "consumer", "damp_a": 0.001}, 8),
+    "k-obd-calib32": ({"curvature": "diag_ga"}, 32),
+    "none-calib32": ({"update": "none"}, 32),
     "correlated-calib32": ({"update": "correlated"}, 32),
     "consumer-calib32": ({"update": "consumer"}, 32),
+    "consumer-damp0.1-calib32": ({"update": "consumer", "damp_a": 0.1}, 32),
     "consumer-3shots": ({"update": "consumer", "shots": 3}, 8),
     "k-obd-3shots": ({"curvature": "diag_ga", "shots": 3}, 8),
 }
@@ -50,7 +54,7 @@ VARIANTS = {
 def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float) -> dict:
     options, n_calib = VARIANTS[name]
     calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), n_calib, 512, seed=0)
-    factors = dense_factors(model, calib, graph, OUT / f"dense_factors_{n_calib}x512.pt")
+    factors = dense_factors(model, calib, graph, CACHE / f"dense_factors_{n_calib}x512.pt")
     pruned = copy.deepcopy(model)
     layers = pruned_layers(pruned, groups)
     share = shared_first_shot(factors)
@@ -71,7 +75,8 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
 def write_table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     order = list(VARIANTS)
-    rows.sort(key=lambda r: (r["target"], order.index(r["name"]) if r["name"] in order else len(order)))
+    rows.sort(key=lambda r: (-r["target"], int(r["calibration"].split()[0]),
+                             order.index(r["name"]) if r["name"] in order else len(order)))
     lines = ["# LLM Surgeon on SmolLM2-135M: update, damping, calibration and shots", "",
              "Structured pruning (heads and MLP neurons) of SmolLM2-135M; calibration windows of 512 tokens from "
              "wikitext-2 valid.txt (seed 0); perplexity on the first windows of wikitext-2-raw wiki.test.raw "
@@ -83,8 +88,8 @@ def write_table() -> None:
              "| commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["options"]
-        curvature = {"diag_ga": " (K-OBD costs)"}.get(o.get("curvature"), "")
-        lines.append(f"| {r['name']} | {r['target']:g} | {o.get('update', 'correlated')}{curvature} | "
+        update = "none (K-OBD: diagonal costs)" if o.get("curvature") == "diag_ga" else o.get("update", "correlated")
+        lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
                      f"{o.get('damp_a', 0.01):g} | {o.get('damp_g', 0.01):g} | {r['calibration']} | {r['shots']} | "
                      f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} windows | "
                      f"{r['prune_s']:.0f} | {r['machine']['commit']} |")

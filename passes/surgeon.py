@@ -67,7 +67,7 @@ class SurgeonConfig:
     shots: int = 5
     schedule: str = "linear"
     curvature: str = "kfac"
-    update: str = "correlated"
+    update: str = "consumer"
     damp_a: float = 0.01
     damp_g: float | None = None
     nm: tuple[int, int] | None = None

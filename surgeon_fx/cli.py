@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             f"(default: {d.shots}; the paper uses 40 structured)")
     how.add_argument("--fisher", choices=("empirical", "sampled"),
                      help=f"Fisher labels: the data (empirical) or drawn from the model (default: {d.fisher})")
+    how.add_argument("--update", choices=("consumer", "correlated", "none"),
+                     help=f"structured surgeon: compensate removed units in the layers that read them (consumer), in "
+                          f"every layer they touch as the paper does (correlated), or not at all (default: {d.update})")
     how.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R masked low-rank corrections between "
                                                                 "shots, absorbed into the weights (default: 0, off)")
     data = p.add_argument_group("data")
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "lora_rank", "calib_windows",
+OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "lora_rank", "calib_windows",
                  "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length", "batch_size", "seed",
                  "device")
 

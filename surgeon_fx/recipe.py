@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from passes.surgeon import SurgeonConfig
+from passes.surgeon import UPDATES, SurgeonConfig
 
 STRUCTURES = ("structured", "2:4", "4:8", "unstructured")
 METHODS = {"surgeon": "kfac", "magnitude": "identity", "l-obd": "diag_a", "k-obd": "diag_ga",
@@ -50,6 +50,7 @@ class Recipe:
     seed: int = 0
     device: str = "cpu"
     round_to: int = 1
+    update: str = "consumer"
     lora_rank: int = 0
     damp_a: float = 0.01
     damp_g: float | None = None
@@ -98,6 +99,8 @@ class Recipe:
             raise RecipeError(f"method {self.method} prunes single weights: use structure unstructured, 2:4 or 4:8")
         if METHODS[self.method] is None and self.lora_rank:
             raise RecipeError(f"--lora-rank works with the multi-shot methods, not {self.method}")
+        if self.update not in UPDATES:
+            raise RecipeError(f"update must be one of {', '.join(UPDATES)}, not {self.update!r}")
         if self.fisher not in FISHERS:
             raise RecipeError(f"fisher must be one of {', '.join(FISHERS)}, not {self.fisher!r}")
         if self.fisher_approx not in ("kfac", "nearest"):
@@ -122,5 +125,6 @@ class Recipe:
         nm = self.nm()
         target = nm[0] / nm[1] if nm else self.target  # the driver ignores the target for N:M
         return SurgeonConfig(structure=self.structure, target=target, shots=self.shots,
-                             curvature=METHODS[self.method], damp_a=self.damp_a, damp_g=self.damp_g,
+                             curvature=METHODS[self.method], update=self.update, damp_a=self.damp_a,
+                             damp_g=self.damp_g,
                              lora_rank=self.lora_rank, seed=self.seed)

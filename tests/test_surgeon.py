@@ -125,6 +125,32 @@ def test_structured_hand_groups_consistent():
         torch.testing.assert_close(model(win).logits, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("update", ["consumer", "correlated"])
+def test_structured_consumer_update_leaves_producers(update):
+    """"consumer" updates only the layers that lose columns (o_proj, down_proj); "correlated" also moves the kept
+    rows of the producers (q/k/v, gate/up) — the two compensations of one removed unit that add up."""
+    model, win = tiny_llama(), windows()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = prune(model, win, hand_groups(), SurgeonConfig(structure="structured", target=0.7, shots=1,
+                                                            update=update))
+    params = dict(model.named_parameters())
+    touched = {n for n, keep in result.masks.items() if not keep.all()}
+    producers = {n for n in touched if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                    "gate_proj.weight", "up_proj.weight"))}
+    consumers = touched - producers
+    assert producers and consumers
+
+    def moved(n):
+        keep = result.masks[n]
+        return not torch.equal(params[n][keep], before[n][keep])
+
+    assert all(moved(n) for n in consumers)
+    if update == "consumer":
+        assert not any(moved(n) for n in producers)
+    else:
+        assert all(moved(n) for n in producers)
+
+
 class Interrupt(RuntimeError):
     pass
 
