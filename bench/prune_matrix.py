@@ -118,8 +118,11 @@ def dense_factors(model, calib, graph, cache: Path) -> dict:
     start = time.perf_counter()
     layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, 1))))
     factors = collect_kfac(model, calib, layers=layers)
-    print(f"dense curvature: {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"dense curvature: {seconds:.0f} s", flush=True)
     torch.save(factors, cache)
+    cache.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "layers": len(layers),
+                                                      "windows": list(calib.shape), "machine": machine()}))
     return factors
 
 
@@ -206,7 +209,8 @@ def main() -> None:
                   "linear_kept": sum(kept[k] * dict(model.named_modules())[k].weight.numel() for k in kept)
                   / sum(dict(model.named_modules())[k].weight.numel() for k in kept),
                   "prune_s": seconds, "peak_rss_mib": rss.peak, "layer_kept": kept,
-                  "shot_logs": logs, "config": plan.config if plan else {}, **setup, "machine": machine()}
+                  "shot_logs": logs, "config": plan.config if plan else {}, "zero_shot": {}, **setup,
+                  "machine": machine()}
         (runs_dir / f"{run_id(method, structure, target)}.json").write_text(json.dumps(record, indent=1))
         claim.unlink()
         print(f"{method:10s} {structure:12s} {target:.2f}  ppl {ppl:9.2f}  params {n1 / n0:.3f}  "
@@ -240,7 +244,12 @@ def write_table(out: Path) -> None:
              "except the tied output head). SliceGPT instead slices the residual stream to round(target × 576) "
              "channels, so its `linear kept` equals the target and it also shrinks the embedding (hence its "
              "lower `params kept`). `params kept` is of the whole model, `linear kept` of its linear "
-             "layers. Time is the pruning wall time on a shared 2-core box (load average in the JSON).", "",
+             "layers.",
+             "- Prune time: wall time of the pruning call on the 2-core box (load average in each JSON). For the "
+             "KFAC-based methods (surgeon, k-obd, l-obd) it excludes the first shot's curvature of the dense "
+             "model, which the matrix collects once and shares (its time is in the analysis and, for caches "
+             "written from now on, in `prune_matrix_cache/*.json`). Peak RSS is the whole process, which holds "
+             "that shared curvature of every layer, so it overstates each method's own need.", "",
              "| structure | target | method | PPL | Δ vs dense | params kept | linear kept | prune time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -250,11 +259,14 @@ def write_table(out: Path) -> None:
     (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     (out.parent / f"{out.name}.json").write_text(json.dumps({"dense": dense, "runs": runs}, indent=1))
     sizes = json.loads((out / "layer_sizes.json").read_text())
-    for structure in sorted({r["structure"] for r in runs}):
-        chosen = [r for r in runs if r["structure"] == structure]
-        folder = out.parent / f"{out.name}_{structure.replace(':', 'of')}"
-        folder.mkdir(exist_ok=True)
-        plot_kept({f"{r['method']} {r['target']:g}": rows_of(r, sizes) for r in chosen}, folder)
+    for structure in sorted({r["structure"] for r in runs}):  # one plot per structure and target
+        targets = sorted({r["target"] for r in runs if r["structure"] == structure}, reverse=True)
+        for target in targets:
+            chosen = [r for r in runs if r["structure"] == structure and r["target"] == target]
+            tag = structure.replace(":", "of") + (f"_{target:g}" if len(targets) > 1 else "")
+            folder = out.parent / f"{out.name}_{tag}"
+            folder.mkdir(exist_ok=True)
+            plot_kept({f"{r['method']} {r['target']:g}": rows_of(r, sizes) for r in chosen}, folder)
 
 
 def rows_of(run: dict, sizes: dict[str, int]) -> list[LayerRow]:

@@ -46,8 +46,8 @@ VARIANTS = {
     "correlated-calib32": ({"update": "correlated"}, 32),
     "consumer-calib32": ({"update": "consumer"}, 32),
     "consumer-damp0.1-calib32": ({"update": "consumer", "damp_a": 0.1}, 32),
-    "consumer-3shots": ({"update": "consumer", "shots": 3}, 8),
-    "k-obd-3shots": ({"curvature": "diag_ga", "shots": 3}, 8),
+    "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
+    "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
 }
 
 

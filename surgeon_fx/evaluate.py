@@ -7,6 +7,11 @@ For a window x[0..L-1] the model's logits at positions 0..L-2 predict tokens
 
 (Every window has the same length, so this equals the harness's mean of
 per-window mean losses.)
+
+Zero-shot downstream accuracy (the paper's second table) is a later step and belongs here, beside
+`perplexity`: a scorer taking (model, multiple-choice examples) and returning accuracy from the summed
+log-likelihood of each choice under `logits_of`.  `bench/prune_matrix.py` records `"zero_shot": {}` in every
+run for its results.
 """
 
 import inspect

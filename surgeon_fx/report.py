@@ -127,7 +127,7 @@ def plot_kept(runs: dict[str, list[LayerRow]], folder: str | Path) -> list[Path]
 
     folder = Path(folder)
     paths = []
-    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     for label, rows in runs.items():
         depth = kept_by_depth(rows)
@@ -135,11 +135,11 @@ def plot_kept(runs: dict[str, list[LayerRow]], folder: str | Path) -> list[Path]
     ax.set(xlabel="layer depth (block index)", ylabel="fraction of weights kept", ylim=(0, 1.05),
            title="Kept fraction per layer depth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(folder / "kept_by_depth.png")
     fig.savefig(paths[-1], dpi=110)
 
-    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     kinds = [k for k in KIND_ORDER if any(k in kept_by_kind(rows) for rows in runs.values())]
     width = 0.8 / max(1, len(runs))
@@ -150,7 +150,7 @@ def plot_kept(runs: dict[str, list[LayerRow]], folder: str | Path) -> list[Path]
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(kinds))], kinds)
     ax.set(ylabel="fraction of weights kept", ylim=(0, 1.05), title="Kept fraction per layer type")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(folder / "kept_by_kind.png")
     fig.savefig(paths[-1], dpi=110)
     return paths
