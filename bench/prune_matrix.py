@@ -201,14 +201,16 @@ def main() -> None:
                 _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
+        start = time.perf_counter()
         ppl = perplexity(pruned, evals).ppl
+        eval_s = time.perf_counter() - start
         n1 = sum(p.numel() for p in pruned.parameters())
         kept = layer_kept(model, pruned)
         record = {"method": method, "structure": structure, "target": target, "ppl": ppl,
                   "params_before": n0, "params_after": n1,
                   "linear_kept": sum(kept[k] * dict(model.named_modules())[k].weight.numel() for k in kept)
                   / sum(dict(model.named_modules())[k].weight.numel() for k in kept),
-                  "prune_s": seconds, "peak_rss_mib": rss.peak, "layer_kept": kept,
+                  "prune_s": seconds, "eval_s": eval_s, "peak_rss_mib": rss.peak, "layer_kept": kept,
                   "shot_logs": logs, "config": plan.config if plan else {}, "zero_shot": {}, **setup,
                   "machine": machine()}
         (runs_dir / f"{run_id(method, structure, target)}.json").write_text(json.dumps(record, indent=1))

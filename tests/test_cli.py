@@ -202,3 +202,16 @@ def test_recipe_unknown_key(tmp_path, capsys):
 def test_model_and_hf_are_exclusive(tmp_path, capsys):
     line = run_error(capsys, [str(MODELS / "tiny_llama.py"), "--hf", str(tmp_path)], tmp_path / "o")
     assert "exactly one" in line
+
+
+def test_bad_update_in_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('update = "both"\n')
+    line = run_error(capsys, [str(MODELS / "tiny_llama.py"), "--recipe", str(recipe)], tmp_path / "o")
+    assert "update must be one of correlated, consumer, none, not 'both'" in line
+
+
+def test_update_option_reaches_the_driver():
+    from surgeon_fx.recipe import Recipe
+    assert Recipe().surgeon_config().update == "consumer"
+    assert Recipe().merged({"update": "correlated"}).surgeon_config().update == "correlated"
