@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from passes.rewrite import shrink
+from surgeon_fx.evaluate import logits_of
 from surgeon_fx.graph import DependencyGraph
 from surgeon_fx.groups import Group
 
@@ -120,27 +121,35 @@ def _covariance_and_consumers(model: nn.Module, windows: Tensor, sites: list[str
     try:
         for start in range(0, len(windows), batch_size):
             outputs.clear()
-            model(windows[start:start + batch_size])
+            logits_of(model, windows[start:start + batch_size])
     finally:
         for h in hooks:
             h.remove()
     return cov, consumers
 
 
-def _rotate(model: nn.Module, group: Group, Q: Tensor, skip: set[str]) -> None:
-    """Contract every tensor on the residual group (except the params in `skip`) with Q along its residual
-    dimension, once per storage.  Unit i must hold index i of each tensor (checked)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def _residual_dims(group: Group, skip: set[str]) -> dict[str, int]:
+    """param → its residual dimension, for every tensor of the group except `skip`; checks that unit i holds
+    index i of each tensor (the layout the rotation assumes)."""
     layout: dict[tuple[str, int], list[Tensor]] = {}
     for unit in group.units:
         for s in unit.slices:
             layout.setdefault((s.param, s.dim), []).append(s.index)
-    done = set()
+    dims = {}
     for (name, dim), indices in layout.items():
         if name in skip:
             continue
         if len(indices) != group.size or not torch.equal(torch.cat(indices), torch.arange(group.size)):
             raise SliceError(f"{name}: residual channels are not laid out one per index along dim {dim}")
+        dims[name] = dim
+    return dims
+
+
+def _rotate(model: nn.Module, dims: dict[str, int], Q: Tensor) -> None:
+    """Contract each tensor `dims` names with Q along its residual dimension, once per storage."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done = set()
+    for name, dim in dims.items():
         p = params[name]
         if id(p) in done:
             continue
@@ -161,8 +170,12 @@ def slice_residual(model: nn.Module, graph: DependencyGraph, windows: Tensor, wi
     if not 0 < width <= d:
         raise SliceError(f"width must be in 1..{d}, got {width}")
     sites = _norm_sites(model, group)
+    dims = _residual_dims(group, skip={f"{site}.weight" for site in sites})
     modules = dict(model.named_modules())
     cov, consumers = _covariance_and_consumers(model, windows, sites, batch_size)
+    idle = [site for site in sites if not consumers[site]]
+    if idle:  # checked before anything changes
+        raise SliceError(f"no linear layer reads the output of {idle[0]}")
     total = sum(cov.values())
     evals, evecs = torch.linalg.eigh(total)
     order = torch.argsort(evals, descending=True)
@@ -176,8 +189,6 @@ def slice_residual(model: nn.Module, graph: DependencyGraph, windows: Tensor, wi
         norm = modules[site]
         scale = _norm_scale(norm, d).to(torch.float64)
         users = sorted(consumers[site])
-        if not users:
-            raise SliceError(f"no linear layer reads the output of {site}")
         if any(id(modules[u].weight) in tied for u in users):
             tails[site] = Q.T @ torch.diag(scale) @ Q  # cannot absorb into a tied tensor: a linear map follows
         else:
@@ -186,7 +197,7 @@ def slice_residual(model: nn.Module, graph: DependencyGraph, windows: Tensor, wi
                     w = modules[u].weight
                     w.copy_((w.to(torch.float64) * scale).to(w.dtype))
         _set_scale(norm, torch.ones(d, dtype=torch.float64))
-    _rotate(model, group, Q, skip={f"{site}.weight" for site in sites})
+    _rotate(model, dims, Q)
     kept = {s: float(torch.trace(Q[:, :width].T @ cov[s] @ Q[:, :width]) / torch.trace(cov[s])) for s in sites}
     if width < d:
         shrink(model, graph, {group.name: list(range(width, d))})
