@@ -83,7 +83,8 @@ def write_table() -> None:
              "(column `eval`). Command: `python bench/surgeon_ablation.py`; each row's machine and commit are in "
              "`surgeon_ablation/<name>.json`. Damping is relative (× mean diagonal); the defaults are 0.01 for "
              "both factors. `correlated` updates producers (rows, via G) and consumers (columns, via A) of every "
-             "removed unit; `consumer` only the consumers; `none` zeroes the removed units.", "",
+             "removed unit; `consumer` only the consumers; `none` zeroes the removed units. `commit` is HEAD when the "
+             "row was written: the 8e612b6 rows ran on the uncommitted code committed next as 396f549.", "",
              "| variant | target | update | damping A | damping G | calibration | shots | PPL | eval | prune (s) "
              "| commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
