@@ -177,8 +177,11 @@ def main() -> None:
             continue  # finished or taken by another worker
         claim.touch()
         shots = args.shots if structure == "structured" else args.sparse_shots
-        if method != "slicegpt":  # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
-            Recipe(structure=structure, target=target, method=method, shots=shots).check()
+        # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
+        recipe = None if method == "slicegpt" else Recipe(structure=structure, target=target, method=method,
+                                                          shots=shots)
+        if recipe is not None:
+            recipe.check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None
         needs_kfac = method in ("surgeon", "k-obd", "l-obd")
         if needs_kfac and factors is None:
@@ -192,12 +195,11 @@ def main() -> None:
             collect = lambda m, w, _l=layers, _s=share: _s(m, w, _l)  # noqa: E731
         with PeakRSS() as rss:
             start = time.perf_counter()
-            if method == "slicegpt":
+            if recipe is None:
                 width = round(target * pruned.config.hidden_size)
                 sliced = slice_residual(pruned, graph, calib, width)
                 plan, logs = None, [{"width": width, "kept_energy": sliced.kept_energy}]
             else:
-                recipe = Recipe(structure=structure, target=target, method=method, shots=shots)
                 _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
