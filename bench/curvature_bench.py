@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.curvature import collect_kfac  # noqa: E402
+from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
 from surgeon_fx.data import calibration_windows, read_text, tokenize  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.curvature import collect_kfac, default_layers  # noqa: E402
-from passes.kron import dense_fisher, kron_sum, nearest_kron  # noqa: E402
+from surgeon_fx.passes.curvature import collect_kfac, default_layers  # noqa: E402
+from surgeon_fx.passes.kron import dense_fisher, kron_sum, nearest_kron  # noqa: E402
 
 
 def tiny_llama(seed: int = 0):

@@ -39,9 +39,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon_fx import speed  # noqa: E402  (before passes: surgeon_fx/__init__ imports passes.rewrite)
-from passes.nm import nm_mask  # noqa: E402
-from passes.semistructured import SemiStructuredUnavailable, relative_error, to_semi_structured  # noqa: E402
+from surgeon_fx import speed  # noqa: E402
+from surgeon_fx.passes.nm import nm_mask  # noqa: E402
+from surgeon_fx.passes.semistructured import SemiStructuredUnavailable, relative_error, to_semi_structured  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 num_hidden_layers=32, vocab_size=32000)
@@ -169,7 +169,7 @@ def section_end_to_end(device, smoke: bool) -> dict:
 def structured_shapes(shape: dict, keep: float, multiple: int) -> dict:
     """Uniform width pruning to `keep` of the decoder parameters: 1 query head in 4 (of every KV head's share),
     the MLP neurons that meet the budget, rounded to `multiple` (the shapes `shrink` would emit)."""
-    from passes.round_units import round_keep
+    from surgeon_fx.passes.round_units import round_keep
 
     h, kv, d, f = (shape[k] for k in ("num_attention_heads", "num_key_value_heads", "hidden_size",
                                       "intermediate_size"))
@@ -208,8 +208,8 @@ def section_structured(device, smoke: bool) -> list[dict]:
 
 
 def section_surgeon(device, smoke: bool, deadline: Deadline) -> list[dict]:
-    from passes.curvature import collect_kfac
-    from passes.surgeon import SurgeonConfig, prune, pruned_layers
+    from surgeon_fx.passes.curvature import collect_kfac
+    from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers
     from surgeon_fx.graph import build_graph
 
     shape = SMOKE if smoke else {**LLAMA_7B, "num_key_value_heads": 8}

@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon_fx import speed  # noqa: E402  (before passes: surgeon_fx/__init__ imports passes.rewrite)
+from surgeon_fx import speed  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
-from passes.rewrite import shrink  # noqa: E402
-from passes.round_units import round_keep  # noqa: E402
+from surgeon_fx.passes.rewrite import shrink  # noqa: E402
+from surgeon_fx.passes.round_units import round_keep  # noqa: E402
 
 PRUNABLE_KINDS = ("heads", "kv_heads", "neurons")
 

@@ -30,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.curvature import collect_kfac  # noqa: E402
-from passes.surgeon import pruned_layers  # noqa: E402
+from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
+from surgeon_fx.passes.surgeon import pruned_layers  # noqa: E402
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
-from passes.rewrite import shrink  # noqa: E402
-from passes.slicegpt import slice_residual  # noqa: E402
+from surgeon_fx.passes.rewrite import shrink  # noqa: E402
+from surgeon_fx.passes.slicegpt import slice_residual  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
 from surgeon_fx.report import LayerRow, layer_depth, layer_kind, plot_kept  # noqa: E402

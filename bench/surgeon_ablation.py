@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.prune_matrix import CACHE, DATA, PeakRSS, dense_factors, machine, shared_first_shot  # noqa: E402
-from passes.rewrite import shrink  # noqa: E402
-from passes.surgeon import SurgeonConfig, prune, pruned_layers  # noqa: E402
+from surgeon_fx.passes.rewrite import shrink  # noqa: E402
+from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers  # noqa: E402
 from surgeon_fx.compile import prunable_groups  # noqa: E402
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from passes.kron import damped_cholesky
+from surgeon_fx.passes.kron import damped_cholesky
 
 METHODS = ("kfac", "identity", "diag_a", "diag_ga")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from passes.baselines import LayerCurvature
-from passes.blocks import UnitBlocks
+from surgeon_fx.passes.baselines import LayerCurvature
+from surgeon_fx.passes.blocks import UnitBlocks
 
 
 def element_costs(W: Tensor, ginv_diag: Tensor, ainv_diag: Tensor) -> Tensor:

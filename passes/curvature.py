@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from passes.kron import CurvatureError, apply_ra, apply_rg
+from surgeon_fx.passes.kron import CurvatureError, apply_ra, apply_rg
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from passes.blocks import layer_kind, to_matrix
+from surgeon_fx.passes.blocks import layer_kind, to_matrix
 
 
 def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from passes.rewrite import shrink
+from surgeon_fx.passes.rewrite import shrink
 from surgeon_fx.evaluate import logits_of
 from surgeon_fx.graph import DependencyGraph
 from surgeon_fx.groups import Group

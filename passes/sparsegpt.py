@@ -19,8 +19,8 @@ every group of M columns for N:M (keep the N best of M in each row).
 import torch
 from torch import nn
 
-from passes.nm import nm_mask, topk_mask
-from passes.sequential import InputStats, prune_sequential
+from surgeon_fx.passes.nm import nm_mask, topk_mask
+from surgeon_fx.passes.sequential import InputStats, prune_sequential
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,13 +29,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from passes.baselines import is_diagonal, layer_curvature, needs_data
-from passes.blocks import from_matrix, layer_kind, read_matrix, to_matrix, unit_blocks, write_matrix
-from passes.costs import element_costs, unit_costs
-from passes.curvature import collect_kfac, default_layers
-from passes.lora import lora_correct
-from passes.threshold import global_masks, nm_removed, select_units, shot_targets
-from passes.update import remove_rows_cols, rowwise_update
+from surgeon_fx.passes.baselines import is_diagonal, layer_curvature, needs_data
+from surgeon_fx.passes.blocks import from_matrix, layer_kind, read_matrix, to_matrix, unit_blocks, write_matrix
+from surgeon_fx.passes.costs import element_costs, unit_costs
+from surgeon_fx.passes.curvature import collect_kfac, default_layers
+from surgeon_fx.passes.lora import lora_correct
+from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
+from surgeon_fx.passes.update import remove_rows_cols, rowwise_update
 from surgeon_fx.groups import Group, Unit
 
 STRUCTURES = ("unstructured", "2:4", "4:8", "n:m", "structured")

@@ -17,7 +17,7 @@ import heapq
 import torch
 from torch import Tensor
 
-from passes.nm import nm_mask
+from surgeon_fx.passes.nm import nm_mask
 
 
 def shot_targets(target: float, shots: int, schedule: str = "linear") -> list[float]:

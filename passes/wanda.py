@@ -12,8 +12,8 @@ every row. Pruned weights are set to zero; the others stay as they are.
 import torch
 from torch import nn
 
-from passes.nm import nm_mask, topk_mask
-from passes.sequential import InputStats, prune_sequential
+from surgeon_fx.passes.nm import nm_mask, topk_mask
+from surgeon_fx.passes.sequential import InputStats, prune_sequential
 
 
 def wanda_scores(W: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:

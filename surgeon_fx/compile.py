@@ -29,20 +29,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from passes.blocks import to_matrix
-from passes.curvature import collect_kfac, default_layers
-from passes.rewrite import RewriteError, ShrinkPlan, shrink
-from passes.round_units import set_multiple
-from passes.sequential import find_blocks, is_linear
-from passes.sparsegpt import sparsegpt
-from passes.surgeon import prune, pruned_layers
-from passes.wanda import wanda
+from surgeon_fx.passes.blocks import to_matrix
+from surgeon_fx.passes.curvature import collect_kfac, default_layers
+from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
+from surgeon_fx.passes.round_units import set_multiple
+from surgeon_fx.passes.sequential import find_blocks, is_linear
+from surgeon_fx.passes.sparsegpt import sparsegpt
+from surgeon_fx.passes.surgeon import prune, pruned_layers
+from surgeon_fx.passes.wanda import wanda
 from surgeon_fx import emit, report
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import logits_of, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
-from surgeon_fx.load import load
+from surgeon_fx.loader import load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
 from surgeon_fx.recipe import METHODS, Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_causal_lm

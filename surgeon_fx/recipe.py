@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from passes.surgeon import UPDATES, SurgeonConfig
+from surgeon_fx.passes.surgeon import UPDATES, SurgeonConfig
 
 STRUCTURES = ("structured", "2:4", "4:8", "unstructured")
 METHODS = {"surgeon": "kfac", "magnitude": "identity", "l-obd": "diag_a", "k-obd": "diag_ga",

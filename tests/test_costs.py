@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from passes.baselines import LayerCurvature
-from passes.blocks import UnitBlocks
-from passes.costs import col_block_costs, element_costs, row_block_costs, unit_costs
-from passes.update import col_update, row_update
+from surgeon_fx.passes.baselines import LayerCurvature
+from surgeon_fx.passes.blocks import UnitBlocks
+from surgeon_fx.passes.costs import col_block_costs, element_costs, row_block_costs, unit_costs
+from surgeon_fx.passes.update import col_update, row_update
 
 from tests.kkt import F64, kkt, spd
 

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes import curvature
-from passes.curvature import KronFactors, collect_kfac, default_layers
-from passes.kron import damped_cholesky, dense_fisher, kron_sum, nearest_kron
+from surgeon_fx.passes import curvature
+from surgeon_fx.passes.curvature import KronFactors, collect_kfac, default_layers
+from surgeon_fx.passes.kron import damped_cholesky, dense_fisher, kron_sum, nearest_kron
 
 D = torch.float64
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from passes.rewrite import shrink
+from surgeon_fx.passes.rewrite import shrink
 from surgeon_fx import emit, load
 from surgeon_fx.compile import compile_model, outputs
 from surgeon_fx.graph import build_graph

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from passes.rewrite import RewriteError, mask, removed_indices, shrink
+from surgeon_fx.passes.rewrite import RewriteError, mask, removed_indices, shrink
 from surgeon_fx.graph import build_graph
 from tests.archs import TinyCNN, TinyMLP, TinyTransformer, TinyViT, TransformerSpec, randomize_batchnorm
 

@@ -51,7 +51,7 @@ def test_hf_residual_shrinks_and_runs(arch):
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     graph = build_graph(model, (ids,))
     (res,) = _kinds(graph)["residual"]
-    from passes.rewrite import shrink
+    from surgeon_fx.passes.rewrite import shrink
 
     plan = shrink(model, graph, {res.name: [0, 3]})
     emb = model.get_input_embeddings()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from passes.kron import (CurvatureError, apply_rg, damped_cholesky, damped_inverse, dense_fisher, kron_sum,
+from surgeon_fx.passes.kron import (CurvatureError, apply_rg, damped_cholesky, damped_inverse, dense_fisher, kron_sum,
                          nearest_kron)
 
 

@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from passes.lora import lm_loss, lora_correct
+from surgeon_fx.passes.lora import lm_loss, lora_correct
 
 
 def tiny_llama(seed=0):

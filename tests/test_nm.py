@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.nm import nm_mask, topk_mask
+from surgeon_fx.passes.nm import nm_mask, topk_mask
 
 
 @settings(max_examples=30, deadline=None)

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from passes.rewrite import shrink
+from surgeon_fx.passes.rewrite import shrink
 from surgeon_fx.graph import build_graph
 from tests.archs import TinyCNN, TinyTransformer, TransformerSpec, randomize_batchnorm
 from tests.test_graph import check_pruned_equals_masked

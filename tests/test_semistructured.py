@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from passes.nm import nm_mask
-from passes.semistructured import (SemiStructuredLinear, SemiStructuredUnavailable, check_available, nm_violations,
+from surgeon_fx.passes.nm import nm_mask
+from surgeon_fx.passes.semistructured import (SemiStructuredLinear, SemiStructuredUnavailable, check_available, nm_violations,
                                    plan, relative_error, skip_reason, to_semi_structured)
 from surgeon_fx.hf import tiny_llama
 

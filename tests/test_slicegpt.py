@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from passes.slicegpt import SliceError, slice_residual
+from surgeon_fx.passes.slicegpt import SliceError, slice_residual
 from surgeon_fx.graph import build_graph
 from surgeon_fx.hf import tiny_gemma, tiny_llama, tiny_opt, tiny_qwen2
 from surgeon_fx.trace import LogitsOf
@@ -73,7 +73,7 @@ def test_pca_slicing_beats_plain_channel_deletion():
     width = model.config.hidden_size // 2
     sliced = copy.deepcopy(model)
     slice_residual(sliced, graph, ids, width)
-    from passes.rewrite import shrink
+    from surgeon_fx.passes.rewrite import shrink
     plain = copy.deepcopy(model)
     group = [g for g in graph.groups if g.kind == "residual"][0]
     shrink(plain, graph, {group.name: list(range(width, group.size))})

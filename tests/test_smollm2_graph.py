@@ -18,7 +18,7 @@ def smollm2():
 
 
 def test_smollm2_graph_groups_and_shrink(smollm2):
-    from passes.rewrite import mask, shrink
+    from surgeon_fx.passes.rewrite import mask, shrink
     from surgeon_fx.graph import build_graph
 
     model = smollm2

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from passes.nm import topk_mask
-from passes.sequential import capture_block_inputs, find_blocks, prune_sequential
-from passes.sparsegpt import sparsegpt, sparsegpt_prune_layer
+from surgeon_fx.passes.nm import topk_mask
+from surgeon_fx.passes.sequential import capture_block_inputs, find_blocks, prune_sequential
+from surgeon_fx.passes.sparsegpt import sparsegpt, sparsegpt_prune_layer
 from surgeon_fx.hf import tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 
 

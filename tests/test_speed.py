@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon_fx import speed  # surgeon_fx before passes: surgeon_fx/__init__ imports passes.rewrite
+from surgeon_fx import speed
 from surgeon_fx.graph import build_graph
 from surgeon_fx.groups import Group
 from surgeon_fx.hf import tiny_llama
-from passes.rewrite import shrink  # noqa: I001
-from passes.round_units import round_keep, set_multiple
+from surgeon_fx.passes.rewrite import shrink  # noqa: I001
+from surgeon_fx.passes.round_units import round_keep, set_multiple
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from passes.curvature import collect_kfac
-from passes.surgeon import SurgeonConfig, prune
+from surgeon_fx.passes.curvature import collect_kfac
+from surgeon_fx.passes.surgeon import SurgeonConfig, prune
 from surgeon_fx.groups import Group, Slice, Unit
 
 HIDDEN, HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 8, 64, 2

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.threshold import global_masks, nm_removed, select_units, shot_targets
+from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 
 
 def test_linear_schedule():

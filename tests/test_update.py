@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from passes.update import remove_rows_cols, rowwise_update
+from surgeon_fx.passes.update import remove_rows_cols, rowwise_update
 
 from tests.kkt import F64, kkt, spd
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from passes.sequential import InputStats
-from passes.wanda import wanda, wanda_prune_layer, wanda_scores
+from surgeon_fx.passes.sequential import InputStats
+from surgeon_fx.passes.wanda import wanda, wanda_prune_layer, wanda_scores
 from surgeon_fx.hf import tiny_gemma, tiny_llama, tiny_opt
 
 

@@ -14,13 +14,12 @@ from safetensors.torch import load_model
 from torch import nn
 
 from surgeon_fx.emit import FORMAT, MANIFEST, WEIGHTS
+from surgeon_fx.passes.rewrite import ShrinkPlan, apply_plan
 from surgeon_fx.modelfile import load_model_file, sha256_of
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The compiled model stored in folder `path`, in eval mode on `device`."""
-    from passes.rewrite import ShrinkPlan, apply_plan  # here: passes.rewrite itself imports surgeon_fx
-
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is not a surgeon-compile output folder (no {MANIFEST})")
