@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
 
 import torch
@@ -44,9 +45,14 @@ specs = st.builds(
 )
 
 
+def stable_seed(spec) -> int:
+    """A seed from the spec's text: the same in every process (``hash()`` of strings is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(spec).encode()).digest()[:4], "little")
+
+
 @functools.lru_cache(maxsize=64)
 def _model_and_graph(spec: TransformerSpec):
-    torch.manual_seed(hash(spec) % 1000)
+    torch.manual_seed(stable_seed(spec))
     model = TinyTransformer(spec).eval()
     x = torch.randint(0, spec.vocab, (2, 5), generator=torch.Generator().manual_seed(1))
     return model, x, build_graph(model, (x,))
@@ -118,3 +124,19 @@ def test_zero_removal_bit_identical_and_slices_valid(spec):
     shrink(pruned, graph, {g.name: [] for g in graph.groups})
     with torch.no_grad():
         assert torch.equal(model(x), pruned(x))
+
+
+def test_weight_seed_is_stable_across_processes():
+    """The weights of a generated model do not depend on the process (a failing example replays)."""
+    import subprocess
+    import sys
+
+    spec = TransformerSpec(vocab=11, width=8, depth=1, kv_heads=1, rep=2, head_dim=2, ffn=3, mlp="gated",
+                           norm="rms", residual=True, attention="sdpa", bias=False)
+    code = ("from tests.archs import TransformerSpec; from tests.test_properties import stable_seed; "
+            f"print(stable_seed({spec!r}))")
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+            for _ in range(2)}
+    assert runs == {f"{stable_seed(spec)}\n"}
