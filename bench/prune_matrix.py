@@ -40,7 +40,7 @@ from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.passes.slicegpt import slice_residual  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
-from surgeon_fx.report import LayerRow, layer_depth, layer_kind, plot_kept  # noqa: E402
+from surgeon_fx.report import LayerRow, layer_depth, layer_role, plot_kept  # noqa: E402
 
 DATA = ROOT / "../shared/data"
 RESULTS = ROOT / "docs/results"
@@ -275,7 +275,7 @@ def write_table(out: Path) -> None:
 
 def rows_of(run: dict, sizes: dict[str, int]) -> list[LayerRow]:
     """The run's kept fractions as report rows (weights per layer from the dense model)."""
-    return [LayerRow(name, layer_kind(name, "Linear"), layer_depth(name), sizes[name], round(frac * sizes[name]))
+    return [LayerRow(name, layer_role(name, "Linear"), layer_depth(name), sizes[name], round(frac * sizes[name]))
             for name, frac in run["layer_kept"].items()]
 
 

@@ -23,26 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from surgeon_fx.groups import Slice, Unit
-
-
-def layer_kind(module: nn.Module) -> str:
-    """"linear", "conv1d" (HF, weight (in, out)) or "conv2d"; ValueError for anything else."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return "conv1d"
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return "conv2d"
-    raise ValueError(f"{type(module).__name__} has no (out, in) matrix view")
+from surgeon_fx.layers import CONV1D, LINEAR, matrix_kind
 
 
 def to_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
     """M (out, in') from a weight-shaped and an optional bias-shaped tensor (values or masks alike)."""
-    kind = layer_kind(module)
-    if kind == "conv1d":
-        weight = weight.t()
-    elif kind == "conv2d":
-        weight = weight.reshape(weight.shape[0], -1)
+    weight = matrix_kind(module).out_in(weight)
     return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
 
 
@@ -50,12 +36,7 @@ def from_matrix(module: nn.Module, M: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inverse of `to_matrix` for this module: (weight in storage shape, bias or None)."""
     has_bias = module.bias is not None
     W, b = (M[:, :-1], M[:, -1]) if has_bias else (M, None)
-    kind = layer_kind(module)
-    if kind == "conv1d":
-        W = W.t()
-    elif kind == "conv2d":
-        W = W.reshape(module.weight.shape)
-    return W.contiguous(), (None if b is None else b.contiguous())
+    return matrix_kind(module).storage(W, module.weight.shape), (None if b is None else b.contiguous())
 
 
 def read_matrix(module: nn.Module, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -76,10 +57,10 @@ def slice_block(module: nn.Module, attr: str, dim: int, index: Tensor) -> tuple[
     """("rows" | "cols", indices into M) for a slice of `module.<attr>` along `dim`."""
     if attr == "bias":
         return "rows", index
-    kind = layer_kind(module)
-    if kind == "linear":
+    kind = matrix_kind(module)
+    if kind is LINEAR:
         return ("rows", index) if dim == 0 else ("cols", index)
-    if kind == "conv1d":
+    if kind is CONV1D:
         return ("cols", index) if dim == 0 else ("rows", index)
     if dim == 0:
         return "rows", index

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from surgeon_fx.layers import has_curvature
 from surgeon_fx.passes.kron import CurvatureError, apply_ra, apply_rg
 
 
@@ -41,24 +42,12 @@ class KronFactors:
     tokens: int
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    """HF `transformers.pytorch_utils.Conv1D` (weight stored (in, out)), detected without importing transformers."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
-
-
-def is_supported(m: nn.Module) -> bool:
-    """nn.Linear, nn.Conv2d (zero padding, groups = 1) or HF Conv1D."""
-    if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
 def default_layers(model: nn.Module) -> list[str]:
     """Qualified names of every supported layer except the output head and layers tied to an embedding."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [name for name, m in model.named_modules()
-            if is_supported(m) and m is not head and id(m.weight) not in tied]
+            if has_curvature(m) and m is not head and id(m.weight) not in tied]
 
 
 def _inputs_rows(m: nn.Module, x: Tensor) -> Tensor:
@@ -241,7 +230,7 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     modules = dict(model.named_modules())
     names = default_layers(model) if layers is None else list(layers)
     for name in names:
-        if name not in modules or not is_supported(modules[name]):
+        if name not in modules or not has_curvature(modules[name]):
             raise ValueError(f"{name!r} is not an nn.Linear, zero-padded ungrouped nn.Conv2d or HF Conv1D of the model")
     stats = {name: _LayerStats(name, modules[name], device, dtype) for name in names}
     batches = _batches(windows, batch_size)

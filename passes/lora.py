@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgeon_fx.passes.blocks import layer_kind, to_matrix
+from surgeon_fx.layers import CONV2D, matrix_kind
+from surgeon_fx.passes.blocks import to_matrix
 
 
 def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -46,7 +47,7 @@ def lora_correct(model: nn.Module, windows: Tensor, layers: list[str], masks: di
     adapters, hooks = {}, []
     for name in layers:
         m = modules[name]
-        if layer_kind(m) == "conv2d":
+        if matrix_kind(m) is CONV2D:
             raise ValueError(f"LoRA corrections support Linear and Conv1D layers, not {name!r} (Conv2d)")
         keep = _weight_mask(m, masks.get(name + ".weight")).to(m.weight.dtype)
         out_dim, in_dim = keep.shape
@@ -76,7 +77,7 @@ def lora_correct(model: nn.Module, windows: Tensor, layers: list[str], masks: di
         for name, (A, B, keep) in adapters.items():
             m = modules[name]
             delta = keep * (B @ A) * scale
-            m.weight += delta.t() if layer_kind(m) == "conv1d" else delta
+            m.weight += matrix_kind(m).storage(delta, m.weight.shape)
     return losses
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from surgeon_fx.graph import DependencyGraph
+from surgeon_fx.layers import kind_of
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -93,8 +94,9 @@ def _replace(model: nn.Module, new: dict[str, torch.Tensor]) -> set[str]:
 
 def _module_attrs(mod: nn.Module) -> dict[str, object]:
     """Size attributes that follow from a module's own (new) parameter shapes."""
-    if isinstance(mod, nn.Linear):
-        return {"in_features": mod.weight.shape[1], "out_features": mod.weight.shape[0]}
+    kind = kind_of(mod)
+    if kind is not None:
+        return kind.size_attrs(mod)
     if isinstance(mod, nn.modules.conv._ConvNd):
         out_c = mod.weight.shape[0]
         if mod.groups > 1:  # depthwise (only kind the graph lets through): groups follow the channels
@@ -109,8 +111,6 @@ def _module_attrs(mod: nn.Module) -> dict[str, object]:
         return {"num_channels": mod.weight.shape[0]}
     if isinstance(mod, nn.Embedding):
         return {"embedding_dim": mod.weight.shape[1]}
-    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
-        return {"nf": mod.weight.shape[1]}
     return {}
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from surgeon_fx.evaluate import logits_of
+from surgeon_fx.layers import is_linear, matrix_kind
 
 
 @dataclass
@@ -66,14 +67,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
-def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or Hugging Face ``Conv1D`` (weight [in, out], attribute ``nf``)."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as [out, in] (a view)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+    """The linear layer's weight as [out, in] (a view)."""
+    return matrix_kind(module).out_in(module.weight)
 
 
 @torch.no_grad()

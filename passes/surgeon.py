@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from surgeon_fx.passes.baselines import is_diagonal, layer_curvature, needs_data
-from surgeon_fx.passes.blocks import from_matrix, layer_kind, read_matrix, to_matrix, unit_blocks, write_matrix
+from surgeon_fx.layers import CONV2D, kind_of
+from surgeon_fx.passes.blocks import from_matrix, read_matrix, to_matrix, unit_blocks, write_matrix
 from surgeon_fx.passes.costs import element_costs, unit_costs
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.lora import lora_correct
@@ -184,7 +185,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
             _apply_masks(params, state.masks)
             lora = None
             if config.lora_rank > 0:
-                losses = lora_correct(model, calib_windows, [n for n in layers if layer_kind(modules[n]) != "conv2d"],
+                losses = lora_correct(model, calib_windows, [n for n in layers if kind_of(modules[n]) is not CONV2D],
                                       state.masks, config.lora_rank, config.lora_steps, config.lora_lr,
                                       seed=config.seed + t)
                 lora = (losses[0], losses[-1]) if losses else None

@@ -33,7 +33,7 @@ from surgeon_fx.passes.blocks import to_matrix
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
 from surgeon_fx.passes.round_units import set_multiple
-from surgeon_fx.passes.sequential import find_blocks, is_linear
+from surgeon_fx.passes.sequential import find_blocks
 from surgeon_fx.passes.sparsegpt import sparsegpt
 from surgeon_fx.passes.surgeon import prune, pruned_layers
 from surgeon_fx.passes.wanda import wanda
@@ -42,6 +42,7 @@ from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokeni
 from surgeon_fx.evaluate import logits_of, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
+from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.loader import load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
 from surgeon_fx.recipe import METHODS, Recipe, RecipeError
@@ -309,7 +310,8 @@ def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: An
         amount = {"n_m": nm} if nm else {"sparsity": 1.0 - recipe.target}
         keep = fn(model, calib, batch_size=recipe.batch_size, progress=progress, **amount)
         modules = dict(model.named_modules())
-        masks = {f"{name}.weight": m if isinstance(modules[name], nn.Linear) else m.T for name, m in keep.items()}
+        masks = {f"{name}.weight": matrix_kind(modules[name]).storage(m, modules[name].weight.shape)
+                 for name, m in keep.items()}
         return masks, {}, []
     structured = recipe.structure == "structured"
     layers = pruned_layers(model, groups if structured else None)

@@ -26,7 +26,7 @@ from torch import nn
 
 REPORT_FILES = ("report.md", "report.json", "kept_by_depth.png", "kept_by_kind.png")
 KIND_ORDER = ("Q", "K", "V", "QKV", "O", "gate", "up/FC1", "down/FC2", "conv", "embedding", "other")
-_NAMES = {  # last name component -> kind (components that depend on their parent are handled in `layer_kind`)
+_NAMES = {  # last name component -> kind (components that depend on their parent are handled in `layer_role`)
     "Q": {"q_proj", "q", "query", "wq", "q_lin"},
     "K": {"k_proj", "k", "key", "wk", "k_lin"},
     "V": {"v_proj", "v", "value", "wv", "v_lin"},
@@ -54,7 +54,7 @@ class LayerRow:
         return self.after / self.before if self.before else 1.0
 
 
-def layer_kind(name: str, module_type: str) -> str:
+def layer_role(name: str, module_type: str) -> str:
     """The role of a layer from its qualified name and class name (see `KIND_ORDER`)."""
     parts = name.split(".")
     last, parent = parts[-1].lower(), ".".join(parts[:-1])
@@ -96,7 +96,7 @@ def weight_counts(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
 
 def layer_rows(before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]]) -> list[LayerRow]:
     """Join two `weight_counts` results (layers missing after pruning count as fully removed)."""
-    return [LayerRow(name, layer_kind(name, typ), layer_depth(name), count, after.get(name, (typ, 0))[1])
+    return [LayerRow(name, layer_role(name, typ), layer_depth(name), count, after.get(name, (typ, 0))[1])
             for name, (typ, count) in before.items()]
 
 

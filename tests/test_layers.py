@@ -91,12 +91,19 @@ def test_load_is_the_function():
 
 def test_wheel_has_no_top_level_passes(tmp_path):
     """The built wheel installs the passes as surgeon_fx.passes and nothing at the top level but surgeon_fx."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     pytest.importorskip("setuptools")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    src = tmp_path / "src"  # a copy: setuptools builds in-tree (build/, *.egg-info)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("surgeon_fx", "passes"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
                     "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("surgeon_fx-*.whl")
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith(".dist-info")}

@@ -27,8 +27,8 @@ from surgeon_fx import report
     ("model.embed_tokens", "Embedding", "embedding"),
     ("lm_head", "Linear", "other"),
 ])
-def test_layer_kind(name, typ, kind):
-    assert report.layer_kind(name, typ) == kind
+def test_layer_role(name, typ, kind):
+    assert report.layer_role(name, typ) == kind
 
 
 def test_layer_depth():
