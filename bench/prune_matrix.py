@@ -39,6 +39,7 @@ from surgeon_fx.hf import load_smollm2  # noqa: E402
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.passes.slicegpt import slice_residual  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
+from surgeon_fx.methods import RunContext  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
 from surgeon_fx.report import LayerRow, layer_depth, layer_role, plot_kept  # noqa: E402
 
@@ -200,7 +201,8 @@ def main() -> None:
                 sliced = slice_residual(pruned, graph, calib, width)
                 plan, logs = None, [{"width": width, "kept_energy": sliced.kept_energy}]
             else:
-                _, removed, logs = run_pruning(pruned, recipe, groups, calib, collect_curvature=collect)
+                outcome = run_pruning(pruned, recipe, groups, calib, RunContext(collect_curvature=collect))
+                removed, logs = outcome.removed, outcome.shots
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
         start = time.perf_counter()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from surgeon_fx.passes.kron import damped_cholesky
 
-METHODS = ("kfac", "identity", "diag_a", "diag_ga")
+CURVATURES = ("kfac", "identity", "diag_a", "diag_ga")  # LLM Surgeon, magnitude, L-OBD, K-OBD
 
 
 @dataclass
@@ -40,8 +40,8 @@ class LayerCurvature:
 
 def needs_data(method: str) -> bool:
     """True when the method needs KFAC factors from calibration data (all but magnitude)."""
-    if method not in METHODS:
-        raise ValueError(f"curvature method must be one of {METHODS}, not {method!r}")
+    if method not in CURVATURES:
+        raise ValueError(f"curvature method must be one of {CURVATURES}, not {method!r}")
     return method != "identity"
 
 

@@ -142,6 +142,7 @@ def _kron_dist(G1: Tensor, A1: Tensor, G2: Tensor, A2: Tensor) -> Tensor:
     return sq.clamp_min(0).sqrt()
 
 
+# -- dense references: tests and bench/fisher_approx_table.py only (tiny layers) --------------------------------
 def dense_fisher(grads: Tensor, norm: float | None = None) -> Tensor:
     """F = (1/norm) Σ_n vec(∇W_n) vec(∇W_n)ᵀ, dense [out·in', out·in'] — for tiny layers (tests, tables)."""
     flat = grads.reshape(grads.shape[0], -1)

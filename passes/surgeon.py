@@ -38,17 +38,21 @@ from surgeon_fx.passes.lora import lora_correct
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from surgeon_fx.passes.update import remove_rows_cols, rowwise_update
 from surgeon_fx.groups import Group, Unit
+from surgeon_fx.structure import Structure
 
-STRUCTURES = ("unstructured", "2:4", "4:8", "n:m", "structured")
 UPDATES = ("correlated", "consumer", "none")
 CHECKPOINT = "surgeon_state.pt"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written with another config than the run that tries to resume from it."""
 
 
 @dataclass
 class SurgeonConfig:
     """What to prune and how.
 
-    structure: "unstructured" | "2:4" | "4:8" | "n:m" (with `nm=(n, m)`) | "structured" (needs groups).
+    structure: a `Structure` or its name ("unstructured", "N:M", "structured": needs groups).
     target: fraction kept at the end (ignored for N:M, where it is n/m); shots: T; schedule: "linear".
     curvature: "kfac" (LLM Surgeon) | "identity" (magnitude) | "diag_a" (L-OBD) | "diag_ga" (K-OBD).
     update: "correlated" | "consumer" | "none" (baselines have diagonal curvature: their update is zeroing).
@@ -63,7 +67,7 @@ class SurgeonConfig:
     by cost per removed parameter (True) or by raw cost.  lora_rank 0 = no low-rank corrections.
     """
 
-    structure: str = "unstructured"
+    structure: Structure | str = "unstructured"
     target: float = 0.5
     shots: int = 5
     schedule: str = "linear"
@@ -71,7 +75,6 @@ class SurgeonConfig:
     update: str = "consumer"
     damp_a: float = 0.01
     damp_g: float | None = None
-    nm: tuple[int, int] | None = None
     target_of: str = "prunable"
     per_param: bool = True
     lora_rank: int = 0
@@ -80,25 +83,17 @@ class SurgeonConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, not {self.structure!r}")
-        if self.structure == "n:m" and self.nm is None:
-            raise ValueError("structure 'n:m' needs nm=(n, m)")
+        self.structure = Structure.parse(self.structure)
+        self.structure.check_target(self.target)
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, not {self.update!r}")
         if self.target_of not in ("prunable", "all"):
             raise ValueError(f"target_of must be 'prunable' or 'all', not {self.target_of!r}")
         needs_data(self.curvature)
-        shot_targets(self.target, self.shots, self.schedule)
-
-    def nm_pattern(self) -> tuple[int, int] | None:
-        """(n, m) for semi-structured pruning, else None."""
-        if self.structure == "n:m":
-            return tuple(self.nm)
-        return {"2:4": (2, 4), "4:8": (4, 8)}.get(self.structure)
+        shot_targets(self.structure.kept(self.target), self.shots, self.schedule)
 
     def g_damping(self) -> float:
-        return self.damp_g if self.damp_g is not None else (0.01 if self.structure == "structured" else 0.1)
+        return self.damp_g if self.damp_g is not None else (0.01 if self.structure.structured else 0.1)
 
 
 @dataclass
@@ -142,7 +137,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
     {layer name: KronFactors}; default `collect_kfac` on the pruned layers.  The global torch RNG is forked:
     the caller's RNG state is unchanged.
     """
-    structured = config.structure == "structured"
+    structured = config.structure.structured
     if structured and not groups:
         raise ValueError("structured pruning needs the groups of the dependency graph")
     modules = dict(model.named_modules())
@@ -160,7 +155,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
         prunable = [f"{name}.weight" for name in layers]
     n_prunable = sum(params[n].numel() for n in prunable)
     n_fixed = sum(p.numel() for p in model.parameters()) - n_prunable if config.target_of == "all" else 0
-    targets = shot_targets(config.target, config.shots, config.schedule)
+    targets = shot_targets(config.structure.kept(config.target), config.shots, config.schedule)
 
     state = _State(0, {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable},
                    {g.name: [] for g in groups} if structured else {})
@@ -231,7 +226,7 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         W = to_matrix(m, m.weight.detach(), None).to(torch.float64)
         costs[name] = element_costs(W, c.G_inv.diagonal(), c.A_inv.diagonal())
         before[name] = ~to_matrix(m, state.masks[f"{name}.weight"], None)
-    pattern = config.nm_pattern()
+    pattern = config.structure.nm
     if pattern is None:
         after = global_masks(costs, before, n_remove)
         target = None
@@ -337,7 +332,7 @@ def _resume(path: Path, model: nn.Module, config: SurgeonConfig, state: _State) 
     """Load a checkpoint into `model` and `state`; returns the saved RNG state."""
     ck = torch.load(path, weights_only=True)
     if ck["config"] != asdict(config):
-        raise ValueError(f"checkpoint {path} was written with a different config: {ck['config']}")
+        raise CheckpointMismatch(f"checkpoint {path} was written with a different config: {ck['config']}")
     model.load_state_dict(ck["model"])
     state.shot, state.masks, state.removed = ck["shot"], ck["masks"], ck["removed"]
     state.logs = [ShotLog(**{**log, "lora_loss": tuple(log["lora_loss"]) if log["lora_loss"] else None})

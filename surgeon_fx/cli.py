@@ -11,7 +11,8 @@ from pathlib import Path
 
 from surgeon_fx.compile import USER_ERRORS, CompileError, CompileResult, compile_model
 from surgeon_fx.modelfile import from_hf_folder, load_model_file
-from surgeon_fx.recipe import METHODS, STRUCTURES, Recipe
+from surgeon_fx.methods import METHODS
+from surgeon_fx.recipe import Recipe
 
 PROG = "surgeon-compile"
 DESCRIPTION = """\
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--recipe", metavar="TOML", help="read options from a flat TOML file; options given here win")
     what = p.add_argument_group("what to prune")
-    what.add_argument("--structure", choices=STRUCTURES,
-                      help=f"structured (heads, neurons, channels removed), 2:4 / 4:8 (N of every M weights kept) "
+    what.add_argument("--structure", metavar="{structured,unstructured,2:4,4:8,N:M}",
+                      help=f"structured (heads, neurons, channels removed), 2:4 / 4:8 / N:M (N of every M weights kept) "
                            f"or unstructured (default: {d.structure})")
     what.add_argument("--target", type=float, metavar="FRACTION",
                       help=f"fraction of the PRUNABLE parameters kept, between 0 and 1 (the weights of the pruned "
@@ -116,8 +117,8 @@ OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher",
 
 def default_out(name: str, recipe: Recipe) -> Path:
     """./<model stem>-<structure>[-<target percent>]."""
-    tag = recipe.structure.replace(":", "of")
-    return Path(f"{Path(name).stem}-{tag}" + ("" if recipe.nm() else f"-{round(recipe.target * 100)}"))
+    tag = str(recipe.structure).replace(":", "of")
+    return Path(f"{Path(name).stem}-{tag}" + ("" if recipe.structure.nm else f"-{round(recipe.target * 100)}"))
 
 
 def summary(result: CompileResult) -> str:

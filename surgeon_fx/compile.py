@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,22 +30,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from surgeon_fx.passes.blocks import to_matrix
-from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
-from surgeon_fx.passes.round_units import set_multiple
-from surgeon_fx.passes.sequential import find_blocks
-from surgeon_fx.passes.sparsegpt import sparsegpt
-from surgeon_fx.passes.surgeon import prune, pruned_layers
-from surgeon_fx.passes.wanda import wanda
+from surgeon_fx.passes.round_units import with_multiple
+from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import emit, report
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import logits_of, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
-from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.loader import load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
-from surgeon_fx.recipe import METHODS, Recipe, RecipeError
+from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
+from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_causal_lm
 
 
@@ -53,7 +49,7 @@ class CompileError(ValueError):
     """An input the pipeline cannot work with; the message is one line naming the cause."""
 
 
-USER_ERRORS = (CompileError, RecipeError, ModelFileError, TraceError, emit.EmitError)
+USER_ERRORS = (CompileError, RecipeError, MethodError, ModelFileError, TraceError, emit.EmitError)
 RELOAD_TOLERANCE = 1e-4  # max |Δ| of reloaded vs in-memory outputs, relative to max(1, max |output|)
 
 
@@ -158,11 +154,8 @@ def _max_positions(model: nn.Module) -> int | None:
 
 def prunable_groups(graph: DependencyGraph, round_to: int) -> list[Group]:
     """The exact groups of the graph; neuron and channel groups keep a multiple of `round_to` units
-    (`passes.round_units.set_multiple`: heads are whole heads already)."""
-    groups = [g for g in graph.groups if g.exact]
-    if round_to > 1:
-        set_multiple(groups, round_to)
-    return groups
+    (`passes.round_units.with_multiple`: heads are whole heads already); the graph's groups are not changed."""
+    return with_multiple([g for g in graph.groups if g.exact], round_to)
 
 
 def smallest_target(model: nn.Module, groups: list[Group]) -> float:
@@ -181,30 +174,19 @@ def smallest_target(model: nn.Module, groups: list[Group]) -> float:
     return max(0, total - removable) / max(1, total)
 
 
-def _sparse_layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
-    """Layers an unstructured / N:M run prunes: the block linears (SparseGPT, Wanda) or `default_layers`."""
-    if METHODS[recipe.method] is None:
-        try:
-            prefix, blocks = find_blocks(model)
-        except ValueError:
-            raise CompileError(f"method {recipe.method} needs the model's blocks in an nn.ModuleList") from None
-        return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in b.named_modules() if is_linear(m)}
-    modules = dict(model.named_modules())
-    return {name: modules[name] for name in default_layers(model)}
-
-
-def check_model(model: nn.Module, mf: ModelFile, recipe: Recipe, graph: DependencyGraph | None) -> list[Group]:
+def check_model(model: nn.Module, mf: ModelFile, recipe: Recipe, method: Method,
+                graph: DependencyGraph | None) -> list[Group]:
     """Everything about recipe × model that can fail; returns the groups (structured) or []."""
-    if not mf.is_lm and METHODS[recipe.method] is None:
+    if not mf.is_lm and method.needs_lm:
         raise CompileError(f"method {recipe.method} needs a causal language model; {mf.name} defines loss() "
                            f"(use surgeon, magnitude, l-obd or k-obd)")
     if not mf.is_lm and recipe.lora_rank:
         raise CompileError(f"--lora-rank trains on a language-model loss; {mf.name} defines its own loss()")
     limit = _max_positions(model)
-    if limit is not None and recipe.needs_data() and recipe.calib_length > limit:
+    if limit is not None and method.needs_data and recipe.calib_length > limit:
         raise CompileError(f"calibration length {recipe.calib_length} exceeds the model's {limit} positions "
                            f"(use --calib-length {limit} or less)")
-    if recipe.structure == "structured":
+    if recipe.structure.structured:
         groups = prunable_groups(graph, recipe.round_to)
         if not groups:
             raise CompileError(f"structured pruning is not possible: the dependency graph of {mf.name} has no "
@@ -219,10 +201,13 @@ def check_model(model: nn.Module, mf: ModelFile, recipe: Recipe, graph: Dependen
         if floor >= 1.0:
             raise CompileError("structured pruning is not possible: no group can lose a unit")
         return groups
-    layers = _sparse_layers(model, recipe)
+    try:
+        layers = method.layers(model)
+    except MethodError as err:
+        raise CompileError(f"method {recipe.method}: {err}") from None
     if not layers:
         raise CompileError(f"{mf.name} has no layer to prune (nn.Linear, nn.Conv2d or HF Conv1D)")
-    nm = recipe.nm()
+    nm = recipe.structure.nm
     if nm:
         for name, m in layers.items():
             width = to_matrix(m, m.weight, None).shape[1]
@@ -244,9 +229,9 @@ def _text_ids(mf: ModelFile, source: str, option: str) -> Tensor:
     return tokenize(tokenizer, text)
 
 
-def calibration_data(mf: ModelFile, recipe: Recipe) -> Any:
+def calibration_data(mf: ModelFile, recipe: Recipe, method: Method) -> Any:
     """Calibration windows [n, length] (LM) or batches; None when the method needs none."""
-    if not recipe.needs_data():
+    if not method.needs_data:
         return None
     if recipe.calib_file is None:
         return mf.calibration(recipe.calib_windows, recipe.calib_length, recipe.seed)
@@ -297,39 +282,18 @@ def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, *, device="cpu",
-                loss=None, checkpoint_dir: Path | None = None, progress: bool = False, collect_curvature=None):
-    """Run the chosen method in place; returns (masks, removed, shot logs).
-
-    loss: the model file's `loss(model, batch)` for non-LM models; checkpoint_dir: where the multi-shot driver
-    checkpoints (None: no checkpoints); collect_curvature(model, windows) replaces the default KFAC collection.
-    """
-    nm = recipe.nm()
-    if METHODS[recipe.method] is None:
-        fn = sparsegpt if recipe.method == "sparsegpt" else wanda
-        amount = {"n_m": nm} if nm else {"sparsity": 1.0 - recipe.target}
-        keep = fn(model, calib, batch_size=recipe.batch_size, progress=progress, **amount)
-        modules = dict(model.named_modules())
-        masks = {f"{name}.weight": matrix_kind(modules[name]).storage(m, modules[name].weight.shape)
-                 for name, m in keep.items()}
-        return masks, {}, []
-    structured = recipe.structure == "structured"
-    layers = pruned_layers(model, groups if structured else None)
-    collect = collect_curvature or partial(
-        collect_kfac, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,
-        batch_size=recipe.batch_size, device=device, loss_fn=loss, progress=progress, seed=recipe.seed)
-    bar = tqdm(total=recipe.shots, desc="shots", unit="shot", disable=not progress, leave=False)
+def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, ctx: RunContext) -> Outcome:
+    """Run the recipe's method in place (`surgeon_fx.methods`), with a progress bar over the shots."""
+    method = resolve(recipe)
+    bar = tqdm(total=recipe.shots, desc="shots", unit="shot", disable=not (ctx.progress and method.multishot),
+               leave=False)
     try:
-        result = prune(model, calib, groups if structured else None, recipe.surgeon_config(), collect_curvature=collect,
-                       checkpoint_dir=checkpoint_dir, progress=lambda log: bar.update(1))
-    except ValueError as err:
-        if "different config" in str(err):
-            raise CompileError(f"--resume: the checkpoint in {checkpoint_dir} was written with other options; run without "
-                               f"--resume to start again") from None
-        raise
+        return method.run(model, recipe, groups, calib, replace(ctx, on_shot=lambda done, total: bar.update(1)))
+    except CheckpointMismatch:
+        raise CompileError(f"--resume: the checkpoint in {ctx.checkpoint_dir} was written with other options; run "
+                           f"without --resume to start again") from None
     finally:
         bar.close()
-    return result.masks, result.removed, [asdict(log) for log in result.logs]
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
@@ -337,11 +301,12 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                   progress: bool | None = None) -> CompileResult:
     """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring)."""
     recipe.check()
+    method = resolve(recipe)
     out = Path(out).absolute()
     emit.check_target(out, overwrite)
     device = resolve_device(recipe.device)
     progress = sys.stderr.isatty() if progress is None else progress
-    structured = recipe.structure == "structured"
+    structured = recipe.structure.structured
     stages = Stages(device, 9 if structured else 8, progress)
     try:
         with stages("build"):
@@ -355,9 +320,9 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
         if structured:
             with stages("trace"):
                 graph = build_graph(model, inputs)
-        groups = check_model(model, mf, recipe, graph)
+        groups = check_model(model, mf, recipe, method, graph)
         with stages("data"):
-            calib = calibration_data(mf, recipe)
+            calib = calibration_data(mf, recipe, method)
             data = evaluation_data(mf, recipe, model)
         with stages("evaluate dense"):
             before = evaluate(model, mf, data, recipe, device, progress)
@@ -365,8 +330,9 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
             work = work_dir(out)
             if work.exists() and not resume:
                 shutil.rmtree(work)
-            masks, removed, shots = run_pruning(model, recipe, groups, calib, device=device, loss=mf.loss,
-                                                checkpoint_dir=work / "checkpoint", progress=progress)
+            outcome = run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=mf.loss,
+                                  checkpoint_dir=work / "checkpoint", progress=progress))
+            masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
         with stages("rewrite"):
             plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
         with stages("evaluate pruned"):
@@ -399,7 +365,7 @@ def _tokenizer_for_hf(mf: ModelFile):
 
 
 def _label(recipe: Recipe) -> str:
-    return recipe.structure if recipe.nm() else f"{recipe.structure} {recipe.target:g}"
+    return str(recipe.structure) if recipe.structure.nm else f"{recipe.structure} {recipe.target:g}"
 
 
 def _rows(dense: dict, model: nn.Module, masks: dict[str, Tensor]) -> list[report.LayerRow]:
@@ -433,8 +399,8 @@ def _source(mf: ModelFile, model: nn.Module, hf: bool) -> dict:
 def _manifest(mf: ModelFile, source: dict, recipe: Recipe, plan: ShrinkPlan | None, masks: dict[str, Tensor],
               model: nn.Module) -> dict:
     params = dict(model.named_parameters())
-    return {"source": source, "method": recipe.method, "structure": recipe.structure,
-            "target": None if recipe.nm() else recipe.target, "plan": plan.to_json() if plan else None,
+    return {"source": source, "method": recipe.method, "structure": str(recipe.structure),
+            "target": None if recipe.structure.nm else recipe.target, "plan": plan.to_json() if plan else None,
             "masks_only": plan is None,
             "dense_shapes": {n: list(params[n].shape) for n in masks} if plan is None else None,
             "weights": emit.WEIGHTS}
@@ -473,7 +439,7 @@ def _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots
     output = [str(out / f.name) for f in files] + [str(out / name) for name in report.REPORT_FILES]
     return {"source": {"name": mf.name, "path": str(mf.path) if mf.path else None,
                        "hf_path": str(mf.hf_path) if mf.hf_path else None},
-            "recipe": asdict(recipe), "nm": recipe.nm() is not None,
+            "recipe": recipe.to_dict(), "nm": recipe.structure.nm is not None,
             "parameters": {"before": sum(dense_sizes.values()), "after": n_after, "prunable_before": pr_before,
                            "prunable_after": pr_after, "note": note},
             "groups": [{"name": g.name, "kind": g.kind, "units": g.size, "kept": g.size - len(removed.get(g.name, []))}

@@ -40,7 +40,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-def _build(config, seed: int) -> nn.Module:
+def from_config(config, seed: int) -> nn.Module:
+    """A causal LM with random weights (seeded) from a transformers config; eval mode, no KV cache."""
     from transformers import AutoModelForCausalLM
 
     config.use_cache = False
@@ -58,7 +59,7 @@ def tiny_llama(gqa: bool = True, seed: int = 0) -> nn.Module:
         num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    return _build(cfg, seed)
+    return from_config(cfg, seed)
 
 
 def tiny_opt(seed: int = 0) -> nn.Module:
@@ -69,7 +70,7 @@ def tiny_opt(seed: int = 0) -> nn.Module:
         vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, max_position_embeddings=256,
     )
-    return _build(cfg, seed)
+    return from_config(cfg, seed)
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -79,7 +80,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     cfg = GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2,
     )
-    return _build(cfg, seed)
+    return from_config(cfg, seed)
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
@@ -90,15 +91,5 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
-    return _build(cfg, seed)
+    return from_config(cfg, seed)
 
-
-def tiny_gemma(seed: int = 0) -> nn.Module:
-    """Gemma, 2 layers, hidden 64, 4 heads of 16, 1 kv head (multi-query), vocab 128."""
-    from transformers import GemmaConfig
-
-    cfg = GemmaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-    )
-    return _build(cfg, seed)

@@ -10,19 +10,18 @@ A recipe file is flat TOML whose keys are the `Recipe` fields (``-`` and ``_`` a
     calib_length = 256
 
 Precedence: the dataclass defaults, then the recipe file, then options given on the command line
-(`Recipe.merged`).  `Recipe.check()` validates everything that can be judged without the model.
+(`Recipe.merged`).  `Recipe.check()` validates every field on its own; the method × structure × options
+combination is validated by `surgeon_fx.methods.resolve`, structure and target by `surgeon_fx.structure`.
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from surgeon_fx.passes.surgeon import UPDATES, SurgeonConfig
+from surgeon_fx.passes.surgeon import UPDATES
+from surgeon_fx.structure import Structure, StructureError
 
-STRUCTURES = ("structured", "2:4", "4:8", "unstructured")
-METHODS = {"surgeon": "kfac", "magnitude": "identity", "l-obd": "diag_a", "k-obd": "diag_ga",
-           "sparsegpt": None, "wanda": None}  # method -> curvature of the multi-shot driver (None: own pass)
 FISHERS = ("empirical", "sampled")
 
 
@@ -32,9 +31,10 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """One compilation's choices.  `target` is the fraction of *prunable* parameters kept (N:M: n/m)."""
+    """One compilation's choices.  `target` is the fraction of *prunable* parameters kept (N:M: n/m);
+    `structure` is given by name and held as a `Structure`."""
 
-    structure: str = "structured"
+    structure: Structure | str = "structured"
     target: float = 0.8
     method: str = "surgeon"
     shots: int = 5
@@ -54,6 +54,16 @@ class Recipe:
     lora_rank: int = 0
     damp_a: float = 0.01
     damp_g: float | None = None
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "structure", Structure.parse(self.structure))
+        except StructureError as err:
+            raise RecipeError(str(err)) from None
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (the structure by name), as reports and manifests record it."""
+        return {**asdict(self), "structure": str(self.structure)}
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Recipe":
@@ -82,23 +92,12 @@ class Recipe:
                 raise RecipeError(f"{origin}: {key} must be {want.split(' |')[0]}, got {value!r}")
         return replace(self, **{k: float(v) if "float" in types[k] else v for k, v in given.items()})
 
-    def nm(self) -> tuple[int, int] | None:
-        """(n, m) for semi-structured pruning, else None."""
-        return {"2:4": (2, 4), "4:8": (4, 8)}.get(self.structure)
-
     def check(self) -> None:
         """Validate the recipe on its own (no model needed); raises RecipeError with one clear line."""
-        if self.structure not in STRUCTURES:
-            raise RecipeError(f"structure must be one of {', '.join(STRUCTURES)}, not {self.structure!r}")
-        if self.method not in METHODS:
-            raise RecipeError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.nm() is None and not 0.0 < self.target < 1.0:
-            raise RecipeError(f"target must be between 0 and 1 (the fraction of prunable parameters kept), "
-                              f"got {self.target:g}")
-        if METHODS[self.method] is None and self.structure == "structured":
-            raise RecipeError(f"method {self.method} prunes single weights: use structure unstructured, 2:4 or 4:8")
-        if METHODS[self.method] is None and self.lora_rank:
-            raise RecipeError(f"--lora-rank works with the multi-shot methods, not {self.method}")
+        try:
+            self.structure.check_target(self.target)
+        except StructureError as err:
+            raise RecipeError(str(err)) from None
         if self.update not in UPDATES:
             raise RecipeError(f"update must be one of {', '.join(UPDATES)}, not {self.update!r}")
         if self.fisher not in FISHERS:
@@ -115,16 +114,3 @@ class Recipe:
                 raise RecipeError(f"{key} must be at least 2 tokens, got {value}")
         if self.lora_rank < 0:
             raise RecipeError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
-
-    def needs_data(self) -> bool:
-        """Whether the method reads calibration data (magnitude pruning does not)."""
-        return self.method != "magnitude"
-
-    def surgeon_config(self) -> SurgeonConfig:
-        """The multi-shot driver's config for the methods it runs (surgeon, magnitude, l-obd, k-obd)."""
-        nm = self.nm()
-        target = nm[0] / nm[1] if nm else self.target  # the driver ignores the target for N:M
-        return SurgeonConfig(structure=self.structure, target=target, shots=self.shots,
-                             curvature=METHODS[self.method], update=self.update, damp_a=self.damp_a,
-                             damp_g=self.damp_g,
-                             lora_rank=self.lora_rank, seed=self.seed)

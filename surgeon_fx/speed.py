@@ -1,5 +1,7 @@
 """How fast a (pruned) model runs: timed cases, interleaved repeats, peak memory and ideal FLOP ratios.
 
+Measurement helpers for the benchmarks in bench/ (inference.py, gpu_speed.py); the pipeline does not use them.
+
 A *case* is a function `f(model) -> seconds` that times only the part it measures (a decode case prefills
 untimed first), by one of two clocks: "wall" (elapsed time; the one for CUDA) or "cpu" (CPU time of the
 process: with one intra-op thread on a CPU shared with other jobs, the time our work took while it ran, which

@@ -178,3 +178,14 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=g))
             m.bias.data.copy_(torch.randn(n, generator=g))
     return model.eval()
+
+
+def tiny_gemma(seed: int = 0):
+    """Gemma, 2 layers, hidden 64, 4 heads of 16, 1 kv head (multi-query), vocab 128."""
+    from transformers import GemmaConfig
+
+    from surgeon_fx.hf import from_config
+
+    return from_config(GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=256), seed)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from surgeon_fx.cli import main
+from surgeon_fx.methods import surgeon_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -158,7 +159,7 @@ def test_method_needs_a_language_model(tmp_path, capsys):
 
 def test_structured_sparsegpt_is_refused(tmp_path, capsys):
     line = run_error(capsys, [str(MODELS / "tiny_llama.py"), "--method", "sparsegpt"], tmp_path / "o")
-    assert "method sparsegpt prunes single weights" in line
+    assert "method sparsegpt does not support structure structured" in line
 
 
 def test_missing_calibration(tmp_path, capsys):
@@ -213,5 +214,5 @@ def test_bad_update_in_recipe(tmp_path, capsys):
 
 def test_update_option_reaches_the_driver():
     from surgeon_fx.recipe import Recipe
-    assert Recipe().surgeon_config().update == "consumer"
-    assert Recipe().merged({"update": "correlated"}).surgeon_config().update == "correlated"
+    assert surgeon_config(Recipe(), "kfac").update == "consumer"
+    assert surgeon_config(Recipe().merged({"update": "correlated"}), "kfac").update == "correlated"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from surgeon_fx.graph import build_graph
-from surgeon_fx.hf import tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.hf import tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from tests.archs import tiny_gemma
 from tests.test_graph import check_pruned_equals_masked
 
 BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2, "gemma": tiny_gemma}

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon_fx.hf import tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.hf import tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from tests.archs import tiny_gemma
 from surgeon_fx.trace import LogitsOf
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"

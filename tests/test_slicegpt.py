@@ -8,7 +8,8 @@ import torch
 
 from surgeon_fx.passes.slicegpt import SliceError, slice_residual
 from surgeon_fx.graph import build_graph
-from surgeon_fx.hf import tiny_gemma, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.hf import tiny_llama, tiny_opt, tiny_qwen2
+from tests.archs import tiny_gemma
 from surgeon_fx.trace import LogitsOf
 
 RMS_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma": tiny_gemma}  # tied, untied, (1 + w) norm

@@ -12,7 +12,7 @@ from surgeon_fx.graph import build_graph
 from surgeon_fx.groups import Group
 from surgeon_fx.hf import tiny_llama
 from surgeon_fx.passes.rewrite import shrink  # noqa: I001
-from surgeon_fx.passes.round_units import round_keep, set_multiple
+from surgeon_fx.passes.round_units import round_keep, with_multiple
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,11 @@ def test_set_multiple_and_round_keep():
         return Group(f"g{kind}{size}", kind, [None] * size)
 
     groups = [group("neurons", 1536), group("heads", 3), group("neurons", 12), group("residual", 576)]
-    assert set_multiple(groups, 8) == ["gneurons1536", "gresidual576"]
-    assert [g.multiple for g in groups] == [8, 1, 1, 8]
+    rounded = with_multiple(groups, 8)
+    assert [g.multiple for g in rounded] == [8, 1, 1, 8]
+    assert [g.multiple for g in groups] == [1, 1, 1, 1]  # the inputs are not changed
     assert round_keep(1254, 8, 1536) == 1256 and round_keep(1254, 64, 1536) == 1280
     assert round_keep(1050, 64, 1536) == 1024 and round_keep(3, 8, 1536) == 8
     assert round_keep(1600, 64, 1536) == 1536 and round_keep(1530, 64, 1540) == 1536
     with pytest.raises(ValueError):
-        set_multiple(groups, 0)
+        with_multiple(groups, 0)

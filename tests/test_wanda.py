@@ -3,7 +3,8 @@ import torch
 
 from surgeon_fx.passes.sequential import InputStats
 from surgeon_fx.passes.wanda import wanda, wanda_prune_layer, wanda_scores
-from surgeon_fx.hf import tiny_gemma, tiny_llama, tiny_opt
+from surgeon_fx.hf import tiny_llama, tiny_opt
+from tests.archs import tiny_gemma
 
 
 def _gen(seed=0):
