@@ -163,8 +163,8 @@ def _config_updates(model: nn.Module, graph: DependencyGraph, removed, heads) ->
                     out[k] = h
         if len(kv_after) == 1 and hasattr(cfg, "num_key_value_heads"):
             out["num_key_value_heads"] = kv_after.pop()
-        if len(head_dims) == 1 and None not in head_dims and out:
-            out["head_dim"] = head_dims.pop()
+        if len(head_dims) == 1 and None not in head_dims and out and _settable(cfg, "head_dim"):
+            out["head_dim"] = head_dims.pop()  # FalconConfig derives it (a read-only property): left alone
     widths = {}
     for g in graph.groups:
         if g.kind == "neurons":
@@ -175,6 +175,12 @@ def _config_updates(model: nn.Module, graph: DependencyGraph, removed, heads) ->
         if new != getattr(cfg, inter_key):
             out[inter_key] = new
     return out
+
+
+def _settable(cfg, key: str) -> bool:
+    """False for a config field that is a read-only property of its class (FalconConfig.head_dim)."""
+    attr = getattr(type(cfg), key, None)
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def shrink(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int]]) -> ShrinkPlan:

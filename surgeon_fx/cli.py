@@ -137,7 +137,9 @@ def summary(result: CompileResult) -> str:
     lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r})")
     hf_note = next((line for line in r["output"] if line.endswith("/hf")), None)
     if hf_note:
-        lines.append(f"  hf/         AutoModelForCausalLM.from_pretrained({hf_note!r})")
+        cls = r["source"].get("hf_class") or "AutoModelForCausalLM"
+        lines.append(f"  hf/         {'AutoModelForCausalLM' if cls.endswith('ForCausalLM') else cls}"
+                     f".from_pretrained({hf_note!r})")
     lines.append(f"  report      {out / 'report.md'}")
     lines.append(f"  time        {sum(s['seconds'] for s in r['stages']):.1f} s ("
                  + ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in r["stages"]) + ")")

@@ -35,14 +35,14 @@ from surgeon_fx.passes.round_units import with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import emit, report
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
-from surgeon_fx.evaluate import logits_of, perplexity
+from surgeon_fx.evaluate import main_output as outputs, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
 from surgeon_fx.loader import load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
 from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
 from surgeon_fx.recipe import Recipe, RecipeError
-from surgeon_fx.trace import TraceError, is_hf_causal_lm
+from surgeon_fx.trace import TraceError, is_hf_model
 
 
 class CompileError(ValueError):
@@ -125,17 +125,6 @@ def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to(b, device) for b in batch)
     return batch
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, inputs: tuple) -> Tensor:
-    """The model's main output tensor for `inputs` (logits for a language model)."""
-    if is_hf_causal_lm(model):
-        return logits_of(model, inputs[0])
-    out = model(*inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:
@@ -312,7 +301,7 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
         with stages("build"):
             model = mf.build().to(device).eval()
             inputs = tuple(_to(x, device) for x in mf.example_inputs(model))
-            hf = is_hf_causal_lm(model)
+            hf = is_hf_model(model)
             source = _source(mf, model, hf)
             dense = report.weight_counts(model)
             dense_sizes = {n: p.numel() for n, p in model.named_parameters()}
@@ -411,7 +400,7 @@ def _emit(tmp: Path, model: nn.Module, manifest: dict, tokenizer, inputs: tuple,
     if mf.path is not None:
         (tmp / "source").mkdir()
         files.append(Path(shutil.copy2(mf.path, tmp / manifest["source"]["copy"])))
-    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs[0])
+    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs)
     manifest.update(hf=None if reason else emit.HF_DIR, hf_note=reason)
     if reason is None:
         files.append(tmp / emit.HF_DIR)
@@ -438,7 +427,8 @@ def _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots
                       "windows": before["windows"], "length": before["length"]}
     output = [str(out / f.name) for f in files] + [str(out / name) for name in report.REPORT_FILES]
     return {"source": {"name": mf.name, "path": str(mf.path) if mf.path else None,
-                       "hf_path": str(mf.hf_path) if mf.hf_path else None},
+                       "hf_path": str(mf.hf_path) if mf.hf_path else None,
+                       "hf_class": type(model).__name__ if is_hf_model(model) else None},
             "recipe": recipe.to_dict(), "nm": recipe.structure.nm is not None,
             "parameters": {"before": sum(dense_sizes.values()), "after": n_after, "prunable_before": pr_before,
                            "prunable_after": pr_after, "note": note},

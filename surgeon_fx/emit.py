@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from surgeon_fx.evaluate import logits_of
+from surgeon_fx.evaluate import main_output
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -79,11 +79,9 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
 
 def _config_mismatch(model: nn.Module) -> str | None:
     """Why the model's own config class cannot describe its (pruned) shapes, or None when it can."""
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(model.config)
+            fresh = type(model)._from_config(model.config)
     except Exception as err:  # noqa: BLE001 - the config class rejects the pruned sizes
         return f"{type(model.config).__name__} cannot describe the pruned model: {type(err).__name__}: {err}"
     want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
@@ -94,11 +92,11 @@ def _config_mismatch(model: nn.Module) -> str | None:
     return None
 
 
-def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor) -> str | None:
-    """Write `folder` loadable with `AutoModelForCausalLM.from_pretrained`, then load it back and compare
-    logits on `inputs`.  Returns None when written and verified, else the reason (and `folder` is removed)."""
-    from transformers import AutoModelForCausalLM
-
+def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: tuple) -> str | None:
+    """Write `folder` loadable with the model's class `.from_pretrained` (`AutoModelForCausalLM` for a causal
+    LM), then load it back and compare outputs on `inputs` (the forward arguments).  Returns None when written
+    and verified, else the reason (and `folder` is removed)."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     reason = _config_mismatch(model)
     if reason is None:
         model.save_pretrained(folder)
@@ -106,9 +104,8 @@ def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor) -> 
             tokenizer.save_pretrained(folder)
         try:
             device = next(model.parameters()).device
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device)
-            with torch.no_grad():
-                diff = (logits_of(loaded.eval(), inputs) - logits_of(model, inputs)).abs().max().item()
+            loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device)
+            diff = (main_output(loaded.eval(), inputs) - main_output(model, inputs)).abs().max().item()
             if diff > 1e-4:
                 reason = f"logits of the reloaded hf/ model differ by {diff:.3g}"
         except Exception as err:  # noqa: BLE001 - any failure to reload means: do not ship hf/

@@ -52,6 +52,20 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def main_output(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """The model's main output tensor for `inputs`: logits of a causal LM (KV cache off), `.logits` or the
+    first tensor of any other model's output (`last_hidden_state` of an encoder)."""
+    from surgeon_fx.trace import is_hf_causal_lm
+
+    if is_hf_causal_lm(model):
+        return logits_of(model, inputs[0])
+    out = model(*inputs)
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     windows: torch.Tensor,

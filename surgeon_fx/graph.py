@@ -21,6 +21,18 @@ from .spaces import Spaces
 from .trace import Traced, trace
 
 SLICEABLE_BUFFERS = ("running_mean", "running_var")
+# ops that keep a parameter a parameter for the matmul rule (`x @ self.weight.T` is a linear layer)
+PARAM_VIEWS = frozenset({"view", "_unsafe_view", "reshape", "t", "numpy_T", "transpose", "permute", "_to_copy", "to",
+                         "alias", "detach", "contiguous", "expand", "clone", "type_as"})
+
+# attention modules whose implementation ties the inner (heads × head_dim) width to the model width
+FIXED_WIDTH_ATTENTION = ("MultiheadAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+
+
+def _op_name(target) -> str:
+    """`aten.numpy_T.default` -> "numpy_T" (the op's name without namespace and overload)."""
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
 
 
 @dataclass
@@ -121,15 +133,17 @@ class Builder:
                 return seen.name in self.traced.params
             if seen.op != "call_function" or not seen.args or not isinstance(seen.args[0], torch.fx.Node):
                 return False
-            name = str(seen.target)
-            if not any(k in name for k in ("view", "reshape", "t.", "transpose", "permute", "_to_copy", ".to",
-                                           "alias", "detach", "contiguous", "expand")):
+            if _op_name(seen.target) not in PARAM_VIEWS:
                 return False
             seen = seen.args[0]
         return False
 
     def attention_site(self, node, head_space: int | None) -> None:
         module = self.traced.module_of.get(node.name, "")
+        fixed = next((m for m in FIXED_WIDTH_ATTENTION if self.traced.module_type_of.get(node.name, "").endswith(m)),
+                     None)
+        if fixed and head_space is not None:
+            self.freeze(head_space, node, f"{fixed} requires q/k/v width = embed_dim (heads cannot be removed)")
         if any(s.module == module and s.head_space is not None and head_space is not None
                and self.spaces.find(s.head_space) == self.spaces.find(head_space) for s in self.sites):
             return

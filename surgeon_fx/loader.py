@@ -36,12 +36,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
 def rebuild_original(source: dict, folder: Path) -> nn.Module:
     """The original (dense, unpruned) module tree described by a manifest's `source` entry."""
     if "hf_config" in source:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import transformers
 
         cfg = dict(source["hf_config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=source.get("attn_implementation"),
-                                                 dtype=getattr(torch, source.get("dtype", "float32")))
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        cls = getattr(transformers, source.get("model_class") or "AutoModelForCausalLM", None)
+        if cls is None:
+            raise ValueError(f"transformers {transformers.__version__} has no class {source['model_class']!r} "
+                             f"(recorded in the manifest)")
+        build = cls.from_config if cls is transformers.AutoModelForCausalLM else cls._from_config
+        model = build(config, attn_implementation=source.get("attn_implementation"),
+                      dtype=getattr(torch, source.get("dtype", "float32")))
         return model.eval()
     recorded = Path(source["path"])
     if recorded.is_file() and sha256_of(recorded) == source["sha256"]:

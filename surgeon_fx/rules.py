@@ -52,6 +52,8 @@ ELEMENTWISE = _packets(
     "native_dropout", "gelu_", "relu_", "silu_", "add_", "mul_", "copy", "log_sigmoid", "softplus", "mish",
     "logical_not", "eq", "ne", "lt", "le", "gt", "ge", "bitwise_and", "bitwise_or", "__and__", "__or__",
     "minimum", "maximum", "sign", "floor", "ceil", "round", "trunc", "sigmoid_", "tanh_", "expm1", "log1p",
+    "hardswish_", "hardsigmoid_", "hardtanh_", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+    "div_", "sub_", "clamp_", "clamp_min_", "gelu_",
 )
 
 
@@ -173,6 +175,30 @@ def batch_norm(b, node, args):
     if multi:
         return [y] + [b.fresh(node, index=i) for i in range(1, len(node.meta["val"]))]
     return y
+
+
+POOLS = _packets("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
+                 "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                 "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d")
+
+
+@rule(*POOLS)
+def pool(b, node, args):
+    """Pooling acts on each channel alone: the leading dims (batch, channels) pass through, the pooled
+    spatial dims are new (their sizes come from the window); with_indices variants return (values, indices)."""
+    x = args[0]
+    multi = isinstance(node.meta.get("val"), (tuple, list))
+    outs = [b.fresh(node, index=i) for i in range(len(node.meta["val"]))] if multi else [b.fresh(node)]
+    spatial = len(node.args[1]) if isinstance(node.args[1], (list, tuple)) else 1
+    lead = len(x) - spatial
+    for out in outs:
+        for i in range(lead):
+            b.union(x[i], out[i], node)
+        for d in out[lead:]:
+            b.freeze(d, node, "pooled spatial dimension")
+    for d in x[lead:]:
+        b.freeze(d, node, "pooled spatial dimension")
+    return outs if multi else outs[0]
 
 
 # -- layers with parameters --------------------------------------------------------------------------
@@ -351,10 +377,10 @@ def reshape(b, node, args):
             b.union(x[gs[0]], out[gd[0]], node)
         elif len(gs) == 1:
             kids = b.spaces.refine(x[gs[0]], "prod", [dst[d] for d in gd])
-            b.link(kids, [out[d] for d in gd], node)
+            b.link(kids, [out[d] for d in gd] + ([] if kids else [x[gs[0]]]), node)
         elif len(gd) == 1:
             kids = b.spaces.refine(out[gd[0]], "prod", [src[d] for d in gs])
-            b.link(kids, [x[d] for d in gs], node)
+            b.link(kids, [x[d] for d in gs] + ([] if kids else [out[gd[0]]]), node)
         else:
             whole = b.spaces.new(math.prod(src[d] for d in gs))
             b.link(b.spaces.refine(whole, "prod", [src[d] for d in gs]), [x[d] for d in gs], node)
@@ -427,7 +453,7 @@ def cat(b, node, args):
             if i != dim:
                 b.union(d[i], out[i], node)
     kids = b.spaces.refine(out[dim], "cat", [s[dim] for _, s in parts])
-    b.link(kids, [d[dim] for d, _ in parts], node)
+    b.link(kids, [d[dim] for d, _ in parts] + ([] if kids else [out[dim]]), node)
     return out
 
 
@@ -486,11 +512,95 @@ def slice_(b, node, args):
 
 @rule(*_packets("select", "select_copy"))
 def select(b, node, args):
+    """x.select(dim, i): the dim splits into [before, the selected index, after]; the selected index is
+    frozen, and so is the side `i` counts from (a literal position: removing an index there would move it),
+    while the other side stays free (Falcon's `grouped[..., :-2, :]` queries beside `grouped[..., -2, :]`)."""
     x = args[0]
     n = len(x)
     dim = _norm(node.args[1], n)
-    b.freeze(x[dim], node, "select by position")
+    size = b.shape(node.args[0])[dim]
+    index = node.args[2]
+    pos = index + size if index < 0 else index
+    pieces = [(s, k) for s, k in ((pos, "before"), (1, "at"), (size - pos - 1, "after")) if s > 0]
+    kids = b.spaces.refine(x[dim], "cat", [s for s, _ in pieces])
+    counted_from = "after" if index < 0 else "before"
+    for kid, (_, kind) in zip(kids or [x[dim]], pieces if kids else [(size, "at")]):
+        if kind in ("at", counted_from):
+            b.freeze(kid, node, "select by position")
     return [x[i] for i in range(n) if i != dim]
+
+
+@rule(*_packets("stack"))
+def stack(b, node, args):
+    """torch.stack(tensors, dim): the inputs' dims are one another's; the new dim (one per tensor) is frozen."""
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = b.fresh(node)
+    dim = _norm(dim, len(out))
+    b.freeze(out[dim], node, "stacked dimension")
+    rest = [i for i in range(len(out)) if i != dim]
+    for t in tensors:
+        d = b.dims_of(t)
+        if d is not None:
+            for i, o in zip(range(len(d)), rest):
+                b.union(d[i], out[o], node)
+    return out
+
+
+@rule(aten.index.Tensor)
+def index(b, node, args):
+    """x[i0, i1, ...] with index tensors: the indexed dims are looked up by value (frozen); the others pass
+    through.  Adjacent indexed dims are replaced in place by the broadcast index shape, else it goes first."""
+    x = args[0]
+    indices = list(node.args[1])
+    indexed = [i for i, t in enumerate(indices) if t is not None]
+    out = b.fresh(node)
+    for i in indexed:
+        b.freeze(x[i], node, "indexed by value")
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    k = len(out) - (len(x) - len(indexed))  # dims of the broadcast index shape
+    start = indexed[0] if adjacent else 0
+    for d in out[start:start + k]:
+        b.freeze(d, node, "indexed by value")
+    rest = [i for i in range(len(x)) if i not in indexed]
+    places = [o for o in range(len(out)) if not start <= o < start + k]
+    for i, o in zip(rest, places):
+        b.union(x[i], out[o], node)
+    return out
+
+
+@rule(*_packets("constant_pad_nd", "pad", "reflection_pad2d", "replicate_pad2d"))
+def pad(b, node, args):
+    """Padding grows the last len(pad) / 2 dims (frozen); the dims before pass through."""
+    x = args[0]
+    out = b.fresh(node)
+    k = len(node.args[1]) // 2
+    for i in range(len(x)):
+        if i < len(x) - k:
+            b.union(x[i], out[i], node)
+        else:
+            b.freeze(x[i], node, "padded dimension")
+            b.freeze(out[i], node, "padded dimension")
+    return out
+
+
+@rule(*_packets("repeat_interleave"))
+def repeat_interleave(b, node, args):
+    """x.repeat_interleave(r, dim): each index of `dim` repeated r times (frozen); other dims pass through."""
+    x = args[0]
+    out = b.fresh(node)
+    if x is None or len(node.args) < 3 or node.args[2] is None:
+        for d in out:
+            b.freeze(d, node, "repeat_interleave")
+        return out
+    dim = _norm(node.args[2], len(x))
+    for i in range(len(x)):
+        if i == dim:
+            b.freeze(x[i], node, "repeat_interleave")
+            b.freeze(out[i], node, "repeat_interleave")
+        else:
+            b.union(x[i], out[i], node)
+    return out
 
 
 @rule(operator.getitem)

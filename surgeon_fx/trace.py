@@ -29,10 +29,27 @@ class LogitsOf(nn.Module):
         return getattr(self, WRAP)(input_ids=input_ids, use_cache=False).logits
 
 
+def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face `PreTrainedModel` (any task): rebuilt from its config and class, saved with
+    `save_pretrained`."""
+    return hasattr(model, "config") and callable(getattr(model, "save_pretrained", None)) and callable(
+        getattr(type(model), "_from_config", None))
+
+
 def is_hf_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and callable(
-        getattr(model, "get_output_embeddings")
-    )
+    """A Hugging Face causal language model: `model(input_ids=...)` returns next-token `.logits`.
+
+    Its class is one `AutoModelForCausalLM` maps to (or named `*ForCausalLM`); output embeddings alone do not
+    make one (every `PreTrainedModel` has `get_output_embeddings`, and `BertForMaskedLM` returns a head)."""
+    if not is_hf_model(model):
+        return False
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return name.endswith("ForCausalLM")
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    return name in causal or name.endswith("ForCausalLM")
 
 
 @dataclass
