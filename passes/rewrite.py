@@ -146,7 +146,10 @@ def _config_updates(model: nn.Module, graph: DependencyGraph, removed, heads) ->
     if cfg is None:
         return {}
     out: dict[str, object] = {}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # a model without token embeddings (Wav2Vec2Model)
+        emb = None
     hidden_key = next((k for k in ("hidden_size", "n_embd", "d_model") if isinstance(getattr(cfg, k, None), int)), None)
     if emb is not None and hidden_key and emb.weight.shape[1] != getattr(cfg, hidden_key):
         out[hidden_key] = emb.weight.shape[1]

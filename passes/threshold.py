@@ -62,13 +62,17 @@ def nm_removed(cost: Tensor, removed: Tensor, n_keep: int, m: int) -> Tensor:
 
 def select_units(scores: dict[str, Tensor], sizes: dict[str, list[int]], removed: dict[str, set[int]],
                  n_params: int, min_keep: dict[str, int], multiple: dict[str, int]) -> dict[str, list[int]]:
-    """Units to remove in this shot, cheapest first across all groups, until ≥ `n_params` parameters go.
+    """Units to remove in this shot, cheapest first across all groups, landing as close to `n_params` as the
+    unit sizes allow.
 
     scores: group → [U] ranking score (lower = removed first); sizes: group → parameters removed per unit.
     Constraints per group: at least `min_keep` units stay; with `multiple` m > 1 units go m at a time (a first
     item also removes the remainder when the count alive is not a multiple), so the count kept stays a multiple
-    of m.  An item's score is its mean unit score.  The result overshoots `n_params` by less than one item
-    (one unit when m = 1); it falls short only when every group is at its floor.
+    of m.  An item's score is its mean unit score.  An item that would overshoot is taken only when that lands
+    closer to `n_params` than stopping short; otherwise it is skipped, with the rest of its group (which ranks
+    after it), and cheaper-ranked items of other groups may still fill the gap.  So |removed − n_params| ≤ half
+    the largest item (a 4-head model no longer lands a whole head below a 0.7 target); it falls short further
+    only when every group is at its floor.
     """
     queues: dict[str, list[list[int]]] = {}
     for g, sc in scores.items():
@@ -94,8 +98,11 @@ def select_units(scores: dict[str, Tensor], sizes: dict[str, list[int]], removed
     while heap and total < n_params:
         _, g = heapq.heappop(heap)
         item = queues[g].pop()
+        size = sum(sizes[g][u] for u in item)
+        if total + size - n_params > n_params - total:  # stopping short is closer: skip it and its group
+            continue
         out[g].extend(item)
-        total += sum(sizes[g][u] for u in item)
+        total += size
         if queues[g]:
             heapq.heappush(heap, (_score(scores[g], queues[g][-1]), g))
     return {g: sorted(v) for g, v in out.items()}

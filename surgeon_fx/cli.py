@@ -129,7 +129,8 @@ def summary(result: CompileResult) -> str:
              f"  model       {r['source']['name']}: {r['recipe']['method']}, {r['recipe']['structure']}"
              + ("" if r["nm"] else f", target {r['recipe']['target']:g}"),
              f"  parameters  {p['before']:,} -> {p['after']:,} (prunable kept "
-             f"{p['prunable_after'] / max(1, p['prunable_before']):.1%})"]
+             f"{p['prunable_after'] / max(1, p['prunable_before']):.1%}"
+             + ("" if r["nm"] else f", target {r['recipe']['target']:.1%}") + ")"]
     ev = r.get("evaluation")
     if ev:
         where = (f"{ev['windows']} windows x {ev['length']} tokens" if ev["length"] else f"{ev['windows']} batches")

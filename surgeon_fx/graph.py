@@ -23,7 +23,8 @@ from .trace import Traced, trace
 SLICEABLE_BUFFERS = ("running_mean", "running_var")
 # ops that keep a parameter a parameter for the matmul rule (`x @ self.weight.T` is a linear layer)
 PARAM_VIEWS = frozenset({"view", "_unsafe_view", "reshape", "t", "numpy_T", "transpose", "permute", "_to_copy", "to",
-                         "alias", "detach", "contiguous", "expand", "clone", "type_as"})
+                         "alias", "detach", "contiguous", "expand", "clone", "type_as",
+                         "index", "select"})  # an expert's weights gathered from a stacked [experts, ...] tensor
 
 # attention modules whose implementation ties the inner (heads × head_dim) width to the model width
 FIXED_WIDTH_ATTENTION = ("MultiheadAttention", "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
@@ -289,6 +290,10 @@ class DependencyGraph:
         names = [g.name for g in self.groups if any(s.param == param and s.dim == dim for s in g.units[0].slices)]
         why = {self.spaces.find(l): self.spaces.frozen.get(self.spaces.find(l)) for l, _ in leaves}
         frozen = [f"{self.spaces.size[l]}-wide factor frozen: {r}" for l, r in why.items() if r]
+        if not names:
+            single = [f"{self.spaces.size[l]}-wide factor" for l, r in why.items() if not r and self.spaces.size[l] <= 1]
+            reasons = frozen + [f"{s} (nothing to remove)" for s in single]
+            return f"{param}[{dim}] is not pruned by any group: " + ("; ".join(reasons) or "no free factor")
         return f"{param}[{dim}] is pruned by group(s) {names}" + (f"; {'; '.join(frozen)}" if frozen else "")
 
     def why_coupled(self, a: tuple[str, int], b: tuple[str, int]) -> list[str]:

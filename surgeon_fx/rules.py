@@ -278,7 +278,7 @@ def convolution(b, node, args):
         b.freeze(d, node, "spatial dimension")
     cin = b.shape(node.args[0])[1]
     if transposed:
-        b.freeze_all([x, w, out], node, "transposed convolution")
+        b.freeze_all([x, w, out, bias], node, "transposed convolution")
         return out
     if groups == 1:
         b.union(x[1], w[1], node)
@@ -287,7 +287,7 @@ def convolution(b, node, args):
         b.union(x[1], out[1], node)  # depthwise: channel c in, channel c out
         b.union(out[1], w[0], node)
     else:
-        b.freeze_all([x, w, out], node, f"grouped convolution (groups={groups})")
+        b.freeze_all([x, w, out, bias], node, f"grouped convolution (groups={groups})")
         return out
     if bias is not None:
         b.union(bias[0], out[1], node)
@@ -571,16 +571,18 @@ def index(b, node, args):
 
 @rule(*_packets("constant_pad_nd", "pad", "reflection_pad2d", "replicate_pad2d"))
 def pad(b, node, args):
-    """Padding grows the last len(pad) / 2 dims (frozen); the dims before pass through."""
+    """pad = (last dim's left, right, the dim before's left, right, ...): a dim padded by (0, 0) passes through
+    (Swin pads height and width, not channels); a padded dim is frozen."""
     x = args[0]
     out = b.fresh(node)
-    k = len(node.args[1]) // 2
+    amounts = list(node.args[1])
     for i in range(len(x)):
-        if i < len(x) - k:
-            b.union(x[i], out[i], node)
-        else:
+        k = len(x) - 1 - i  # pairs count from the last dim
+        if 2 * k + 1 < len(amounts) and (amounts[2 * k] or amounts[2 * k + 1]):
             b.freeze(x[i], node, "padded dimension")
             b.freeze(out[i], node, "padded dimension")
+        else:
+            b.union(x[i], out[i], node)
     return out
 
 

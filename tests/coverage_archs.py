@@ -204,11 +204,14 @@ HUGGING_FACE = [
         "FalconConfig", "FalconForCausalLM", vocab_size=128, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False),
         ATTN),
+    # experts as one batched matmul over the routed weights: the default grouped_mm is float32-only and the
+    # eager loop over hit experts cannot be exported (its trip count depends on the data)
     Arch("mixtral (MoE)", "hf causal LM", _hf("MixtralConfig", "MixtralForCausalLM", num_local_experts=4,
-                                              num_experts_per_tok=2, **GQA), KV | {"experts"}),
+                                              num_experts_per_tok=2, experts_implementation="batched_mm", **GQA),
+         KV),
     Arch("qwen2_moe (MoE + shared expert)", "hf causal LM", _hf(
         "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, **GQA), KV | {"experts"}),
+        shared_expert_intermediate_size=24, experts_implementation="batched_mm", **GQA), KV),
     Arch("bert (masked LM)", "hf encoder", _hf("BertConfig", "BertForMaskedLM", **LM), ATTN),
     Arch("roberta (masked LM)", "hf encoder", _hf("RobertaConfig", "RobertaForMaskedLM", pad_token_id=1, **LM), ATTN),
     Arch("distilbert (masked LM)", "hf encoder", _hf("DistilBertConfig", "DistilBertForMaskedLM", vocab_size=128,
@@ -227,3 +230,84 @@ HUGGING_FACE = [
 ]
 
 ARCHS: dict[str, Arch] = {a.name: a for a in TORCHVISION + HUGGING_FACE}
+
+
+# -- checks -----------------------------------------------------------------------------------------------
+def main_output(out) -> torch.Tensor:
+    """logits, else the first tensor of a model output."""
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def shrink_vs_mask(model: nn.Module, inputs: tuple, graph, removed: dict[str, list[int]]) -> float:
+    """max |shrunk − masked| / max |masked| of the main output, both run in float64."""
+    import copy
+
+    from surgeon_fx.passes.rewrite import mask, shrink
+
+    masked, shrunk = copy.deepcopy(model), copy.deepcopy(model)
+    mask(masked, graph, removed)
+    shrink(shrunk, graph, removed)
+    x64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        a, b = main_output(masked.double()(*x64)), main_output(shrunk.double()(*x64))
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def spread_removal(graph) -> dict[str, list[int]]:
+    """Every exact group loses units: about a third of them (at least one), spread over the range, so that
+    layers end with different widths and the first, middle and last positions are all exercised."""
+    out = {}
+    for g in graph.groups:
+        k = min(max(1, g.size // 3), g.size - g.min_keep)
+        if g.exact and k > 0:
+            out[g.name] = sorted({round(i * (g.size - 1) / max(1, k - 1)) for i in range(k)} if k > 1 else {g.size // 2})
+    return out
+
+
+def unprunable(graph, model: nn.Module) -> list[str]:
+    """One line per distinct reason why a weight's output dimension (features, channels, heads) has no group:
+    the op named by `graph.explain`, with how many weights it stops."""
+    grouped = {(s.param, s.dim) for g in graph.groups for s in g.units[0].slices}
+    reasons: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name not in graph.param_shapes:
+            continue
+        line = graph.explain(name, 0)
+        if (name, 0) in grouped:
+            continue
+        why = line.split(": ", 1)[1] if ": " in line else line
+        reasons[_without_node(why)] = reasons.get(_without_node(why), 0) + 1
+    return [f"{r} ({n} weight{'s' if n > 1 else ''})" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+
+
+def _without_node(text: str) -> str:
+    """'x (linear_3: aten.linear.default)' -> 'x (aten.linear.default)': the op, not the node's name."""
+    import re
+
+    return re.sub(r"\(([\w.]+): ", "(", text)
+
+
+def check_graph(arch: Arch) -> dict:
+    """Build, trace, group and compare shrunk with masked: one row of the coverage table (without reload)."""
+    import time
+
+    from surgeon_fx.graph import build_graph
+
+    start = time.perf_counter()
+    model, inputs = arch.build()
+    row: dict = {"architecture": arch.name, "family": arch.family,
+                 "parameters": sum(p.numel() for p in model.parameters())}
+    graph = build_graph(model, inputs)
+    row["tracer"] = graph.traced.tracer
+    kinds: dict[str, list[int]] = {}
+    for g in graph.groups:
+        kinds.setdefault(g.kind + ("" if g.exact else " (inexact)"), []).append(g.size)
+    row["groups"] = {k: len(v) for k, v in sorted(kinds.items())}
+    removed = spread_removal(graph)
+    row["removed_units"] = sum(len(v) for v in removed.values())
+    row["shrink_vs_mask"] = shrink_vs_mask(model, inputs, graph, removed) if removed else None
+    row["unprunable"] = unprunable(graph, model)
+    row["seconds_graph"] = time.perf_counter() - start
+    return row
