@@ -7,6 +7,7 @@ rebuilds the module tree of a freshly constructed model before loading saved wei
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -166,8 +167,12 @@ def _config_updates(model: nn.Module, graph: DependencyGraph, removed, heads) ->
                     out[k] = h
         if len(kv_after) == 1 and hasattr(cfg, "num_key_value_heads"):
             out["num_key_value_heads"] = kv_after.pop()
-        if len(head_dims) == 1 and None not in head_dims and out and _settable(cfg, "head_dim"):
-            out["head_dim"] = head_dims.pop()  # FalconConfig derives it (a read-only property): left alone
+        if len(head_dims) == 1 and None not in head_dims and out:
+            if _settable(cfg, "head_dim"):
+                out["head_dim"] = head_dims.pop()
+            elif _derived_changes(cfg, out, "head_dim"):  # FalconConfig: hidden_size // num_attention_heads
+                for k in ("num_attention_heads", "n_head", "num_key_value_heads"):
+                    out.pop(k, None)  # the modules keep the true counts; the config stays the original's
     widths = {}
     for g in graph.groups:
         if g.kind == "neurons":
@@ -184,6 +189,14 @@ def _settable(cfg, key: str) -> bool:
     """False for a config field that is a read-only property of its class (FalconConfig.head_dim)."""
     attr = getattr(type(cfg), key, None)
     return not (isinstance(attr, property) and attr.fset is None)
+
+
+def _derived_changes(cfg, updates: dict[str, object], key: str) -> bool:
+    """True when setting `updates` on a copy of `cfg` changes its read-only, derived field `key`."""
+    probe = copy.deepcopy(cfg)
+    for k, v in updates.items():
+        setattr(probe, k, v)
+    return getattr(probe, key) != getattr(cfg, key)
 
 
 def shrink(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int]]) -> ShrinkPlan:

@@ -1,4 +1,5 @@
-"""Generated architectures for structural tests: transformers (GQA, MLP kinds, norms), CNNs and ViTs."""
+"""Generated architectures for structural tests: transformers (GQA, MLP kinds, norms, fused projections,
+custom `x @ w.T` linears, per-head q/k norms), CNNs (mean or adaptive pooling) and ViTs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ class TransformerSpec:
     residual: bool = True
     attention: str = "sdpa"  # "sdpa" or "eager" (matmul + softmax)
     bias: bool = False
+    linear: str = "module"  # "module" (nn.Linear) or "matmul" (`x @ self.weight.T`, as Falcon's FalconLinear)
+    fused: bool = False  # one qkv projection split by head counts, one gate_up projection split by chunk(2)
+    qk_norm: bool = False  # RMSNorm over head_dim of every query and key head (Qwen3, Gemma3)
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +37,18 @@ class RMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+class MatmulLinear(nn.Linear):
+    """A linear layer written as `x @ self.weight.T + self.bias` (traces to aten.matmul + aten.numpy_T)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def _linear(s: "TransformerSpec", n_in: int, n_out: int) -> nn.Linear:
+    return (MatmulLinear if s.linear == "matmul" else nn.Linear)(n_in, n_out, bias=s.bias)
+
+
 def _norm(kind: str, n: int) -> nn.Module:
     return {"rms": lambda: RMSNorm(n), "layer": lambda: nn.LayerNorm(n), "none": nn.Identity}[kind]()
 
@@ -41,17 +57,27 @@ class Attention(nn.Module):
     def __init__(self, s: TransformerSpec):
         super().__init__()
         h = s.kv_heads * s.rep
-        self.q = nn.Linear(s.width, h * s.head_dim, bias=s.bias)
-        self.k = nn.Linear(s.width, s.kv_heads * s.head_dim, bias=s.bias)
-        self.v = nn.Linear(s.width, s.kv_heads * s.head_dim, bias=s.bias)
-        self.o = nn.Linear(h * s.head_dim, s.width, bias=s.bias)
-        self.head_dim, self.eager = s.head_dim, s.attention == "eager"
+        self.num_heads, self.num_key_value_heads = h, s.kv_heads  # the rewrite updates both
+        if s.fused:
+            self.qkv = _linear(s, s.width, (h + 2 * s.kv_heads) * s.head_dim)
+        else:
+            self.q = _linear(s, s.width, h * s.head_dim)
+            self.k = _linear(s, s.width, s.kv_heads * s.head_dim)
+            self.v = _linear(s, s.width, s.kv_heads * s.head_dim)
+        self.o = _linear(s, h * s.head_dim, s.width)
+        self.qn, self.kn = (RMSNorm(s.head_dim), RMSNorm(s.head_dim)) if s.qk_norm else (nn.Identity(), nn.Identity())
+        self.head_dim, self.eager, self.fused = s.head_dim, s.attention == "eager", s.fused
 
     def forward(self, x):
         b, n, _ = x.shape
-        q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, n, -1, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        if self.fused:
+            kv = self.num_key_value_heads * self.head_dim
+            q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = self.qn(q.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        k = self.kn(k.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, n, -1, self.head_dim).transpose(1, 2)
         rep = q.shape[1] // k.shape[1]
         k = k[:, :, None].expand(b, k.shape[1], rep, n, self.head_dim).reshape(b, -1, n, self.head_dim)
         v = v[:, :, None].expand(b, v.shape[1], rep, n, self.head_dim).reshape(b, -1, n, self.head_dim)
@@ -66,13 +92,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, s: TransformerSpec):
         super().__init__()
-        self.gated = s.mlp == "gated"
-        self.up = nn.Linear(s.width, s.ffn, bias=s.bias)
-        self.gate = nn.Linear(s.width, s.ffn, bias=s.bias) if self.gated else None
-        self.down = nn.Linear(s.ffn, s.width, bias=s.bias)
+        self.gated, self.fused = s.mlp == "gated", s.fused and s.mlp == "gated"
+        if self.fused:
+            self.gate_up = _linear(s, s.width, 2 * s.ffn)
+        else:
+            self.up = _linear(s, s.width, s.ffn)
+            self.gate = _linear(s, s.width, s.ffn) if self.gated else None
+        self.down = _linear(s, s.ffn, s.width)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x))
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x))
         return self.down(h)
 
 
@@ -115,18 +148,20 @@ class ConvBlock(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """ResNet-style: stem conv + BN, residual blocks, a depthwise conv, global pooling, classifier."""
+    """ResNet-style: stem conv + BN, residual blocks, a depthwise conv, global pooling (`x.mean((2, 3))`, or
+    "adaptive": torchvision's `AdaptiveAvgPool2d(1)` + flatten), classifier."""
 
-    def __init__(self, width: int = 8, mid: int = 6, depth: int = 2, classes: int = 5):
+    def __init__(self, width: int = 8, mid: int = 6, depth: int = 2, classes: int = 5, pool: str = "mean"):
         super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "adaptive" else None
         self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
         self.blocks = nn.Sequential(*[ConvBlock(width, mid) for _ in range(depth)])
         self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
-        x = self.blocks(F.relu(self.bn(self.stem(x))))
-        return self.fc(F.relu(self.dw(x)).mean((2, 3)))
+        x = F.relu(self.dw(self.blocks(F.relu(self.bn(self.stem(x))))))
+        return self.fc(self.pool(x).flatten(1) if self.pool is not None else x.mean((2, 3)))
 
 
 class TinyViT(nn.Module):

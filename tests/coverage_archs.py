@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -27,7 +27,7 @@ class Arch:
     family: str
     build: Callable[[], tuple[nn.Module, tuple]]
     expect: frozenset[str] = field(default_factory=frozenset)  # group kinds that must be found
-    slow: bool = False  # too heavy for the default test run (its graph takes seconds to build)
+    slow: bool = False  # outside the default test run (see FAST)
 
 
 def import_torchvision():
@@ -115,23 +115,19 @@ def _densenet(models):
 
 
 TORCHVISION = [
-    Arch("resnet18", "torchvision", _tv(lambda m: m.resnet18(num_classes=10)), frozenset({"channels", "neurons"})),
-    Arch("resnet50", "torchvision", _tv(lambda m: m.resnet50(num_classes=10)), frozenset({"channels"}), slow=True),
+    Arch("resnet18", "torchvision", _tv(lambda m: m.resnet18(num_classes=10)), frozenset({"channels"})),
+    Arch("resnet50", "torchvision", _tv(lambda m: m.resnet50(num_classes=10)), frozenset({"channels"})),
     Arch("mobilenet_v3_small", "torchvision", _tv(lambda m: m.mobilenet_v3_small(num_classes=10)),
-         frozenset({"channels"})),
-    Arch("mobilenet_v2", "torchvision", _tv(lambda m: m.mobilenet_v2(num_classes=10)), frozenset({"channels"}),
-         slow=True),
-    Arch("efficientnet_b0", "torchvision", _tv(lambda m: m.efficientnet_b0(num_classes=10)), frozenset({"channels"}),
-         slow=True),
-    Arch("convnext_tiny", "torchvision", _tv(lambda m: m.convnext_tiny(num_classes=10)), frozenset({"neurons"}),
-         slow=True),
-    Arch("regnet_y_400mf", "torchvision", _tv(lambda m: m.regnet_y_400mf(num_classes=10)), frozenset({"channels"}),
-         slow=True),
-    Arch("vit_b_16 (tiny dims)", "torchvision", _tv(_vit, 16), frozenset({"heads", "neurons"})),
+         frozenset({"channels", "neurons"})),
+    Arch("mobilenet_v2", "torchvision", _tv(lambda m: m.mobilenet_v2(num_classes=10)), frozenset({"channels"})),
+    Arch("efficientnet_b0", "torchvision", _tv(lambda m: m.efficientnet_b0(num_classes=10)), frozenset({"channels"})),
+    Arch("convnext_tiny", "torchvision", _tv(lambda m: m.convnext_tiny(num_classes=10)), frozenset({"neurons"})),
+    Arch("regnet_y_400mf", "torchvision", _tv(lambda m: m.regnet_y_400mf(num_classes=10)), frozenset({"channels"})),
+    Arch("vit_b_16 (tiny dims)", "torchvision", _tv(_vit, 16), frozenset({"neurons", "channels"})),
     Arch("swin_t (tiny dims)", "torchvision", _tv(_swin, 16), frozenset({"neurons"})),
     Arch("densenet (tiny dims)", "torchvision", _tv(_densenet), frozenset({"channels"})),
     Arch("shufflenet_v2_x0_5", "torchvision", _tv(lambda m: m.shufflenet_v2_x0_5(num_classes=10)),
-         frozenset({"channels"}), slow=True),
+         frozenset({"channels"})),
     Arch("squeezenet1_1", "torchvision", _tv(lambda m: m.squeezenet1_1(num_classes=10)), frozenset({"channels"})),
 ]
 
@@ -196,7 +192,8 @@ HUGGING_FACE = [
                                     num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
                                     max_position_embeddings=64), ATTN),
     Arch("bloom (alibi, fused qkv)", "hf causal LM", _hf("BloomConfig", "BloomForCausalLM", vocab_size=128,
-                                                         hidden_size=32, n_layer=2, n_head=4), ATTN),
+                                                         hidden_size=32, n_layer=2, n_head=4),
+         frozenset({"neurons", "residual"})),
     Arch("falcon (new decoder, GQA)", "hf causal LM", _hf(
         "FalconConfig", "FalconForCausalLM", vocab_size=128, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=False), KV),
@@ -229,7 +226,12 @@ HUGGING_FACE = [
         num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8), frozenset({"heads", "neurons"})),
 ]
 
-ARCHS: dict[str, Arch] = {a.name: a for a in TORCHVISION + HUGGING_FACE}
+# The default test run: one architecture per pattern (CNN with adaptive pooling, dense concatenation, ViT and
+# Swin with fixed-width attention, fused QKV GQA written as x @ w.T, fused qkv + gate_up, per-head q/k norms,
+# a masked LM, a mixture of experts); the rest run with `-m slow` and in bench/coverage.py.
+FAST = {"resnet18", "densenet (tiny dims)", "vit_b_16 (tiny dims)", "swin_t (tiny dims)", "falcon (new decoder, GQA)",
+        "phi3 (fused qkv, gate_up)", "qwen3 (q/k norms)", "bert (masked LM)", "mixtral (MoE)"}
+ARCHS: dict[str, Arch] = {a.name: replace(a, slow=a.name not in FAST) for a in TORCHVISION + HUGGING_FACE}
 
 
 # -- checks -----------------------------------------------------------------------------------------------

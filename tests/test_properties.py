@@ -1,6 +1,7 @@
 """Property-based structural correctness over generated architectures (hypothesis).
 
-For random depths, widths, head counts, GQA ratios, residual patterns, MLP kinds and norms:
+For random depths, widths, head counts, GQA ratios, residual patterns, MLP kinds, norms, custom `x @ w.T`
+linears, fused qkv / gate_up projections (split / chunk), per-head q/k norms and CNN pooling kinds:
 - removing any units the graph offers gives a model whose output equals the masked original (exact groups),
   and whose parameter count drops by exactly the sliced amount;
 - removing zero units leaves the output bit-identical;
@@ -42,6 +43,9 @@ specs = st.builds(
     residual=st.booleans(),
     attention=st.sampled_from(["sdpa", "eager"]),
     bias=st.booleans(),
+    linear=st.sampled_from(["module", "matmul"]),
+    fused=st.booleans(),
+    qk_norm=st.booleans(),
 )
 
 
@@ -59,9 +63,9 @@ def _model_and_graph(spec: TransformerSpec):
 
 
 @functools.lru_cache(maxsize=16)
-def _cnn_and_graph(width: int, mid: int, depth: int):
+def _cnn_and_graph(width: int, mid: int, depth: int, pool: str = "mean"):
     torch.manual_seed(width * 100 + mid * 10 + depth)
-    model = randomize_batchnorm(TinyCNN(width=width, mid=mid, depth=depth), seed=depth)
+    model = randomize_batchnorm(TinyCNN(width=width, mid=mid, depth=depth, pool=pool), seed=depth)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     return model, x, build_graph(model, (x,))
 
@@ -85,9 +89,12 @@ def test_pruned_transformer_equals_masked(spec, data):
 
 @settings(max_examples=max(EXAMPLES // 4, 10), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(width=st.integers(2, 6), mid=st.integers(2, 5), depth=st.integers(1, 2), data=st.data())
-def test_pruned_cnn_equals_masked(width, mid, depth, data):
-    model, x, graph = _cnn_and_graph(width, mid, depth)
+@given(width=st.integers(2, 6), mid=st.integers(2, 5), depth=st.integers(1, 2),
+       pool=st.sampled_from(["mean", "adaptive"]), data=st.data())
+def test_pruned_cnn_equals_masked(width, mid, depth, pool, data):
+    model, x, graph = _cnn_and_graph(width, mid, depth, pool)
+    assert any(s.param == "fc.weight" and s.dim == 1 for g in graph.groups for s in g.units[0].slices), \
+        "the last stage's channels reach the classifier through the pooling as a group"
     check_pruned_equals_masked(model, x, _draw_removal(data, graph, exact_only=True), graph)
 
 
