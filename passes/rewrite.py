@@ -19,6 +19,7 @@ from surgeon_fx.layers import kind_of
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 WIDTH_ATTRS = ("split_size", "all_head_size", "inner_dim")  # = heads × head_dim
+CONFIG_PREFIX = "config."  # a module attribute key naming a field of the module's own config copy
 
 
 class RewriteError(ValueError):
@@ -131,14 +132,27 @@ def _attention_attrs(mod: nn.Module, heads: tuple[int, int, int, int]) -> dict[s
         head_dim = getattr(mod, "head_dim", None)
         if isinstance(v, int) and isinstance(head_dim, int) and v == h0 * head_dim:
             out[a] = h1 * head_dim
+    cfg = getattr(mod, "config", None)  # HF attention that reads head counts from the config in forward (Phi-3)
+    for a, n in (("num_attention_heads", h1), ("num_key_value_heads", kv1)):
+        if isinstance(getattr(cfg, a, None), int):
+            out[f"{CONFIG_PREFIX}{a}"] = n
     return out
 
 
 def _set_attrs(model: nn.Module, attrs: dict[str, dict[str, object]]) -> None:
+    """Set module attributes; "config.<field>" gives the module its own copy of the shared config first, so
+    that layers pruned to different head counts each read their own (Phi-3 slices its fused qkv by
+    `self.config.num_attention_heads`)."""
     for mname, values in attrs.items():
         mod = model.get_submodule(mname)
+        fields = {k.removeprefix(CONFIG_PREFIX): v for k, v in values.items() if k.startswith(CONFIG_PREFIX)}
+        if fields:
+            mod.config = copy.copy(mod.config)
+            for k, v in fields.items():
+                setattr(mod.config, k, v)
         for k, v in values.items():
-            setattr(mod, k, tuple(v) if k == "normalized_shape" else v)
+            if not k.startswith(CONFIG_PREFIX):
+                setattr(mod, k, tuple(v) if k == "normalized_shape" else v)
 
 
 def _config_updates(model: nn.Module, graph: DependencyGraph, removed, heads) -> dict[str, object]:
@@ -223,7 +237,8 @@ def shrink(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int
     heads = {m: h for m, h in graph.head_counts(removed).items() if h[0] != h[2] or h[1] != h[3]}
     for mname, h in heads.items():
         plan.attrs.setdefault(mname, {}).update(_attention_attrs(model.get_submodule(mname), h))
-    plan.config = _config_updates(model, graph, removed, heads)
+    # the config holds one head count for every layer: judged over all attention modules, changed or not
+    plan.config = _config_updates(model, graph, removed, graph.head_counts(removed) if heads else {})
     _set_attrs(model, plan.attrs)
     _apply_config(model, plan.config)
     return plan

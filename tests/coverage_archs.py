@@ -231,7 +231,7 @@ HUGGING_FACE = [
 # a masked LM, a mixture of experts); the rest run with `-m slow` and in bench/coverage.py.
 FAST = {"resnet18", "densenet (tiny dims)", "vit_b_16 (tiny dims)", "swin_t (tiny dims)", "falcon (new decoder, GQA)",
         "phi3 (fused qkv, gate_up)", "qwen3 (q/k norms)", "bert (masked LM)", "mixtral (MoE)"}
-ARCHS: dict[str, Arch] = {a.name: replace(a, slow=a.name not in FAST) for a in TORCHVISION + HUGGING_FACE}
+ARCHS: dict[str, Arch] = {a.name: replace(a, slow=a.name not in FAST) for a in HUGGING_FACE + TORCHVISION}
 
 
 # -- checks -----------------------------------------------------------------------------------------------
@@ -258,11 +258,11 @@ def shrink_vs_mask(model: nn.Module, inputs: tuple, graph, removed: dict[str, li
 
 
 def spread_removal(graph) -> dict[str, list[int]]:
-    """Every exact group loses units: about a third of them (at least one), spread over the range, so that
-    layers end with different widths and the first, middle and last positions are all exercised."""
+    """Every exact group loses units, a third or two thirds of them by turns (at least one), spread over the
+    range: layers end with different widths and head counts, and first, middle and last positions go."""
     out = {}
-    for g in graph.groups:
-        k = min(max(1, g.size // 3), g.size - g.min_keep)
+    for i, g in enumerate(graph.groups):
+        k = min(max(1, g.size * (1 + i % 2) // 3), g.size - g.min_keep)
         if g.exact and k > 0:
             out[g.name] = sorted({round(i * (g.size - 1) / max(1, k - 1)) for i in range(k)} if k > 1 else {g.size // 2})
     return out
