@@ -85,7 +85,7 @@ def run(name: str) -> dict:
 
 
 # -- the table ------------------------------------------------------------------------------------------------
-def _reasons(lines: list[str]) -> str:
+def _reasons(lines: list[str]) -> list[str]:
     """Distinct reasons, without factor sizes, counts and the by-design ones (classifier and vocabulary rows)."""
     seen: list[str] = []
     for line in lines:
@@ -94,7 +94,7 @@ def _reasons(lines: list[str]) -> str:
             if "nothing to remove" in part or any(part.startswith(d) for d in BY_DESIGN) or part in seen:
                 continue
             seen.append(part)
-    return "; ".join(seen)
+    return seen
 
 
 def _groups(groups: dict[str, int]) -> str:
@@ -128,12 +128,20 @@ def table(rows: dict[str, dict], meta: dict) -> str:
         hf = "—" if r.get("hf_note") == "not a Hugging Face model" else (
             "yes" if r.get("hf") else f"no: {r.get('hf_note') or r.get('reload_error', '')[:80]}")
         out.append(f"| {name} | {r['tracer']} | {_groups(r['groups'])} | {r['shrink_vs_mask']:.1e} | {reload} | "
-                   f"{hf} | {r['seconds']:.0f} | {_reasons(r['unprunable'])} |")
+                   f"{hf} | {r['seconds']:.0f} | {'; '.join(_reasons(r['unprunable']))} |")
     ok = [r for r in rows.values() if "error" not in r]
     out += ["", f"{len(rows)} architectures: {len(ok)} traced, "
             f"{sum(1 for r in ok if r['shrink_vs_mask'] is not None and r['shrink_vs_mask'] < 1e-10)} exact "
             f"(shrink == mask < 1e-10), {sum(1 for r in ok if r.get('reload', 1) < 1e-5)} reloaded "
             f"(< 1e-5), {sum(1 for r in ok if r.get('hf'))} with hf/."]
+    by_reason: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        for reason in _reasons(r.get("unprunable", [])):
+            by_reason.setdefault(reason, []).append(name)
+    out += ["", "## What stays unprunable, by reason", "",
+            "Each reason (the op that freezes the dimension), with the architectures where it stops a weight's "
+            "output dimension:", ""]
+    out += [f"- {reason}: {', '.join(names)}" for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
     return "\n".join(out) + "\n"
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from surgeon_fx.graph import Builder, build_graph
-from surgeon_fx.passes.rewrite import shrink
+from surgeon_fx.passes.rewrite import ShrinkPlan, apply_plan, shrink
 from surgeon_fx.trace import is_hf_causal_lm, trace
 from tests.archs import TinyCNN, TinyTransformer, TransformerSpec, randomize_batchnorm
 from tests.coverage_archs import ARCHS, check_graph, has_torchvision, shrink_vs_mask, spread_removal
@@ -76,6 +76,24 @@ def test_falcon_gqa_has_query_head_groups_and_keeps_its_derived_head_dim():
     assert "head_dim" not in plan.config and model.config.head_dim == head_dim
     assert "num_attention_heads" not in plan.config  # 2 heads would make FalconConfig.head_dim 16, not 8
     assert model.transformer.h[0].self_attention.num_kv_heads == 1
+
+
+def test_layers_pruned_to_different_head_counts_read_their_own_config():
+    """Phi-3 slices its fused qkv at `self.config.num_attention_heads * head_dim`: one layer losing heads must
+    neither change the count the other layer reads nor keep the old one itself."""
+    model, inputs = ARCHS["phi3 (fused qkv, gate_up)"].build()
+    graph = build_graph(model, inputs)
+    removed = {"model.layers.0.self_attn.heads": [0]}
+    assert shrink_vs_mask(model, inputs, graph, removed) < 1e-10
+    plan = shrink(model, graph, removed)
+    layers = model.model.layers
+    assert layers[0].self_attn.config.num_attention_heads == 2 and layers[1].self_attn.config.num_attention_heads == 4
+    assert model.config.num_attention_heads == 4 and "num_attention_heads" not in plan.config
+    fresh = apply_plan(ARCHS["phi3 (fused qkv, gate_up)"].build()[0], ShrinkPlan.from_json(json.loads(json.dumps(
+        plan.to_json()))))  # what surgeon_fx.load does with the manifest's plan
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*inputs).logits, model(*inputs).logits)
 
 
 # -- 2. Hugging Face models that are not causal LMs ---------------------------------------------------------
