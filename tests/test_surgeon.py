@@ -103,7 +103,8 @@ def test_structured_hand_groups_consistent():
     params = dict(model.named_parameters())
     n_prunable = sum(params[n].numel() for n in result.masks)
     largest_unit = 4 * HEAD_DIM * HIDDEN
-    assert 0.6 - largest_unit / n_prunable <= result.logs[-1].achieved <= 0.6
+    # the kept size closest to the target: within half the largest unit, above or below (issue 14)
+    assert abs(result.logs[-1].achieved - 0.6) <= (largest_unit / 2 + 1) / n_prunable
     by_name = {g.name: g for g in groups}
     for gname, removed in result.removed.items():
         g = by_name[gname]
