@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from surgeon_fx.groups import Group, Unit
 from surgeon_fx.passes.blocks import unit_blocks
-from surgeon_fx.passes.sequential import is_linear
+from surgeon_fx.layers import is_linear
 
 
 def consumer_columns(model: nn.Module, groups: list[Group]) -> dict[str, list[dict[str, Tensor]]]:
