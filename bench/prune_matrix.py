@@ -216,7 +216,6 @@ def main() -> None:
         with PeakRSS() as rss:
             start = time.perf_counter()
             if method in STRUCTURED_PEERS:
-                groups = prunable_groups(graph, 1)
                 removed = STRUCTURED_PEERS[method](pruned, calib, groups, target)
                 plan, logs = shrink(pruned, graph, {g: u for g, u in removed.items() if u}), []
             elif recipe is None:
