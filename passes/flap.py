@@ -54,8 +54,11 @@ def consumer_stats(model: nn.Module, windows: Tensor, layers: set[str], batch_si
                    progress: bool | None = None) -> dict[str, InputStats]:
     """Float64 Σx, Σx² of the inputs of `layers` on the calibration windows (the model is not changed)."""
     stats: dict[str, InputStats] = {}
-    run_blocks(model, windows, lambda _p, _b, s: stats.update(s), lambda: InputStats(False, torch.float64),
-               batch_size, progress, layers=layers)
+    def record(_prefix: str, _block: nn.Module, block_stats: dict[str, InputStats]) -> bool:
+        stats.update(block_stats)
+        return False  # the dense model: each block runs once
+
+    run_blocks(model, windows, record, lambda: InputStats(False, torch.float64), batch_size, progress, layers=layers)
     missing = sorted(layers - set(stats))
     if missing:
         raise ValueError(f"consumer layers outside the model's blocks or never called: {missing[:3]}")

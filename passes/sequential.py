@@ -159,7 +159,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     return captured
 
 
-BlockVisit = Callable[[str, nn.Module, dict[str, InputStats]], None]
+BlockVisit = Callable[[str, nn.Module, dict[str, InputStats]], bool]
 
 
 @torch.no_grad()
@@ -169,7 +169,8 @@ def run_blocks(model: nn.Module, windows: torch.Tensor, visit: BlockVisit, new_s
 
     For each block: hooks on its linear layers accumulate ``new_stats()`` statistics over every window, then
     ``visit(prefix, block, stats)`` may change the block (prefix = "<blocks>.<i>.", stats keyed by qualified
-    layer name, only layers the block called), then the block is rerun and its outputs feed the next block.
+    layer name, only layers the block called) and returns whether it did; a changed block is rerun, and its
+    outputs feed the next block.
     layers: qualified names of the only layers to collect (None: every linear layer of the blocks).
     """
     blocks_name, blocks = find_blocks(model)
@@ -183,14 +184,13 @@ def run_blocks(model: nn.Module, windows: torch.Tensor, visit: BlockVisit, new_s
         handles = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
                    for name, m in hooked.items()]
         try:
-            for batch in inputs:
-                batch.call(block)
+            outputs = [batch.call(block) for batch in inputs]
         finally:
             for handle in handles:
                 handle.remove()
-        visit(prefix, block, {name: s for name, s in stats.items() if s.n})  # n = 0: a layer never called
-        for batch in inputs:
-            batch.hidden = batch.call(block)
+        changed = visit(prefix, block, {name: s for name, s in stats.items() if s.n})  # n = 0: never called
+        for batch, out in zip(inputs, outputs):
+            batch.hidden = batch.call(block) if changed else out
 
 
 PruneFn = Callable[[torch.Tensor, InputStats], tuple[torch.Tensor, torch.Tensor]]
@@ -207,11 +207,12 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, prune_layer: Prune
     modules = dict(model.named_modules())
     masks: dict[str, torch.Tensor] = {}
 
-    def visit(_prefix: str, _block: nn.Module, stats: dict[str, InputStats]) -> None:
+    def visit(_prefix: str, _block: nn.Module, stats: dict[str, InputStats]) -> bool:
         for name, s in stats.items():
             W_new, keep = prune_layer(weight_out_in(modules[name]).detach().float(), s)
             set_weight_out_in(modules[name], W_new)
             masks[name] = keep
+        return True
 
     run_blocks(model, windows, visit, lambda: InputStats(full_gram), batch_size, progress)
     return masks

@@ -80,17 +80,18 @@ def wanda_sp(model: nn.Module, calib_windows: Tensor, groups: list[Group], targe
     removed: dict[str, list[int]] = {}
     visited: set[str] = set()
 
-    def visit(prefix: str, _block: nn.Module, stats: dict[str, InputStats]) -> None:
+    def visit(prefix: str, _block: nn.Module, stats: dict[str, InputStats]) -> bool:
         mine = [g for g in groups if all(l.startswith(prefix) for cols in columns[g.name] for l in cols)]
         visited.update(g.name for g in mine)
         if not mine:
-            return
+            return False
         W = {n: weight_out_in(modules[n]).detach() for n in stats}
         norms = {n: s.column_norms() for n, s in stats.items()}
         scores = {g.name: unit_scores(W, norms, columns[g.name]) for g in mine}
         plan = block_plan(mine, sizes, scores, columns, prunable_count(model, mine), target)
         zero_units(model, mine, plan)
         removed.update(plan)
+        return True
 
     run_blocks(model, calib_windows, visit, lambda: InputStats(False), batch_size, progress, layers=layers)
     outside = [g.name for g in groups if g.name not in visited]
