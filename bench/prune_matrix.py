@@ -6,9 +6,13 @@
 
 Calibration: `--calib-windows` random windows of `--calib-length` tokens from wikitext-2 valid.txt (seed 0).
 Evaluation: the first `--eval-windows` non-overlapping 2048-token windows of wikitext-2-raw wiki.test.raw (the
-whole file tokenized once), or all 147 with `--eval-windows 0`.  Every run starts from the same dense model in
-one process; the dense model's curvature for the first shot is computed once and shared by the runs that use
-KFAC statistics (identical data and model, so identical factors); later shots re-estimate on the pruned model.
+whole file tokenized once), or all 147 with `--eval-windows 0`; with `--split valid` instead the 2048-token
+windows of valid.txt that share no token with the calibration windows (`data.validation_windows`), the text
+on which settings are chosen (runs in `<out>_valid/`).
+FLAP and Wanda-sp (`passes/flap.py`, `passes/wanda_sp.py`) prune the same exact groups as the structured LLM
+Surgeon rows and go through the same rewrite; `flap-kind` is FLAP with scores standardised per layer type.
+Every run starts from the same dense model in one process; the dense model's curvature for the first shot is
+computed once and shared by the runs that use KFAC statistics (identical data and model, so identical factors); later shots re-estimate on the pruned model.
 Each run is written to `<out>/runs/<id>.json` as it finishes, so an interrupted matrix resumes.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,12 +37,14 @@ sys.path.insert(0, str(ROOT))
 
 from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
 from surgeon_fx.passes.surgeon import pruned_layers  # noqa: E402
-from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
+from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize, validation_windows  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
+from surgeon_fx.passes.flap import flap  # noqa: E402
 from surgeon_fx.passes.slicegpt import slice_residual  # noqa: E402
+from surgeon_fx.passes.wanda_sp import wanda_sp  # noqa: E402
 from surgeon_fx.compile import prunable_groups, run_pruning  # noqa: E402
 from surgeon_fx.methods import RunContext  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
@@ -48,7 +55,8 @@ RESULTS = ROOT / "docs/results"
 CACHE = RESULTS / "prune_matrix_cache"  # dense KFAC factors per calibration size (not committed)
 BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
 # in the order they run: a partial matrix is still a useful table (the slow LLM Surgeon sparse runs come last)
-MATRIX = ([(m, "structured", t) for t in (0.9, 0.8, 0.7) for m in BASELINES + ("slicegpt",)]
+STRUCTURED_PEERS = {"flap": flap, "flap-kind": partial(flap, standardise="kind"), "wanda-sp": wanda_sp}
+MATRIX = ([(m, "structured", t) for t in (0.9, 0.8, 0.7) for m in BASELINES + ("slicegpt", "flap", "wanda-sp")]
           + [(m, s, 0.5) for s in ("2:4", "unstructured") for m in ("sparsegpt", "wanda") + BASELINES[1:]]
           + [("surgeon", s, 0.5) for s in ("2:4", "unstructured")])
 
@@ -132,6 +140,10 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=4, help="first k test windows; 0 = all 147")
+    ap.add_argument("--split", choices=("test", "valid"), default="test",
+                    help="evaluate on the test file or on validation windows of valid.txt (disjoint from "
+                         "the calibration windows)")
+    ap.add_argument("--eval-batch", type=int, default=1, help="windows per forward pass in evaluation")
     ap.add_argument("--shots", type=int, default=1, help="shots for structured runs")
     ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
@@ -140,7 +152,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
     ap.add_argument("--reverse", action="store_true", help="take the runs from the end (a second worker)")
     args = ap.parse_args()
-    args.out = args.out or RESULTS / f"prune_matrix_{args.calib_windows}x{args.calib_length}"
+    args.out = args.out or RESULTS / (f"prune_matrix_{args.calib_windows}x{args.calib_length}"
+                                      + ("_valid" if args.split == "valid" else ""))
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if args.table:
@@ -157,17 +170,23 @@ def main() -> None:
 
     model, tokenizer = load_smollm2()
     save_layer_sizes(model, args.out)
-    calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")),
-                                args.calib_windows, args.calib_length, seed=0)
-    test_ids = tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw"))
-    evals = eval_windows(test_ids, 2048, limit=args.eval_windows or None)
+    valid_ids = tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt"))
+    calib = calibration_windows(valid_ids, args.calib_windows, args.calib_length, seed=0)
+    if args.split == "valid":
+        evals = validation_windows(valid_ids, 2048, args.calib_windows, args.calib_length, seed=0,
+                                   limit=args.eval_windows or None)
+        where = "wikitext-2 valid.txt windows disjoint from the calibration windows"
+    else:
+        evals = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
+                             limit=args.eval_windows or None)
+        where = "wikitext-2-raw wiki.test.raw"
     setup = {"calibration": f"{args.calib_windows} x {args.calib_length} tokens, wikitext-2 valid.txt, seed 0",
-             "evaluation": f"first {len(evals)} x 2048-token windows of wikitext-2-raw wiki.test.raw",
+             "evaluation": f"first {len(evals)} x 2048-token windows of {where}",
              "shots": {"structured": args.shots, "sparse": args.sparse_shots}, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
     if not dense_file.exists():
         start = time.perf_counter()
-        ppl = perplexity(model, evals).ppl
+        ppl = perplexity(model, evals, batch_size=args.eval_batch).ppl
         dense_file.write_text(json.dumps({"ppl": ppl, "eval_s": time.perf_counter() - start, **setup,
                                           "machine": machine()}, indent=1))
     graph = build_graph(model, (calib[:1, :64],))
@@ -179,8 +198,8 @@ def main() -> None:
         claim.touch()
         shots = args.shots if structure == "structured" else args.sparse_shots
         # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
-        recipe = None if method == "slicegpt" else Recipe(structure=structure, target=target, method=method,
-                                                          shots=shots)
+        python_api = method == "slicegpt" or method in STRUCTURED_PEERS  # passes called directly
+        recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots)
         if recipe is not None:
             recipe.check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None
@@ -196,7 +215,10 @@ def main() -> None:
             collect = lambda m, w, _l=layers, _s=share: _s(m, w, _l)  # noqa: E731
         with PeakRSS() as rss:
             start = time.perf_counter()
-            if recipe is None:
+            if method in STRUCTURED_PEERS:
+                removed = STRUCTURED_PEERS[method](pruned, calib, groups, target)
+                plan, logs = shrink(pruned, graph, {g: u for g, u in removed.items() if u}), []
+            elif recipe is None:
                 width = round(target * pruned.config.hidden_size)
                 sliced = slice_residual(pruned, graph, calib, width)
                 plan, logs = None, [{"width": width, "kept_energy": sliced.kept_energy}]
@@ -206,7 +228,7 @@ def main() -> None:
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
         start = time.perf_counter()
-        ppl = perplexity(pruned, evals).ppl
+        ppl = perplexity(pruned, evals, batch_size=args.eval_batch).ppl
         eval_s = time.perf_counter() - start
         n1 = sum(p.numel() for p in pruned.parameters())
         kept = layer_kept(model, pruned)
@@ -237,7 +259,8 @@ def write_table(out: Path) -> None:
     if not runs:
         return
     dense_ppl = dense[0]["ppl"] if dense else float("nan")
-    order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "slicegpt": 3, "k-obd": 4, "l-obd": 5, "magnitude": 6}
+    order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "slicegpt": 3, "flap": 4, "flap-kind": 5, "wanda-sp": 6,
+             "k-obd": 7, "l-obd": 8, "magnitude": 9}
     runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
     lines = [f"# Pruning SmolLM2-135M: method × structure × target", "",
              f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",

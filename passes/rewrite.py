@@ -28,18 +28,23 @@ class RewriteError(ValueError):
 
 @dataclass
 class ShrinkPlan:
-    """Declarative description of a shrunk model: enough to rebuild its module tree from the original."""
+    """Declarative description of a shrunk model: enough to rebuild its module tree from the original.
+
+    added: parameters the original does not have (a bias FLAP's compensation gave a consumer), name → shape.
+    """
 
     shapes: dict[str, list[int]] = field(default_factory=dict)
     attrs: dict[str, dict[str, object]] = field(default_factory=dict)
     config: dict[str, object] = field(default_factory=dict)
+    added: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"shapes": self.shapes, "attrs": self.attrs, "config": self.config}
+        return {"shapes": self.shapes, "attrs": self.attrs, "config": self.config, "added": self.added}
 
     @classmethod
     def from_json(cls, data: dict) -> "ShrinkPlan":
-        return cls(dict(data.get("shapes", {})), dict(data.get("attrs", {})), dict(data.get("config", {})))
+        return cls(dict(data.get("shapes", {})), dict(data.get("attrs", {})), dict(data.get("config", {})),
+                   dict(data.get("added", {})))
 
 
 def removed_indices(graph: DependencyGraph, removed: dict[str, list[int]]) -> dict[str, dict[int, torch.Tensor]]:
@@ -217,7 +222,8 @@ def shrink(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int
     """Remove the units `removed` from `model` in place and return the plan that describes the result.
 
     Every parameter or buffer a removed unit touches is sliced along the unit's dims (ties kept); module
-    size attributes, attention head counts and (where uniform) the Hugging Face config follow.
+    size attributes, attention head counts and (where uniform) the Hugging Face config follow.  Parameters
+    the model gained after `graph` was built (a compensation bias) are recorded in `ShrinkPlan.added`.
     """
     drop = removed_indices(graph, removed)
     state = dict(model.named_parameters(remove_duplicate=False))
@@ -229,7 +235,8 @@ def shrink(model: nn.Module, graph: DependencyGraph, removed: dict[str, list[int
             t = t.index_select(d, _kept(t.shape[d], ix).to(t.device))
         new[name] = t.contiguous()
     touched = _replace(model, new)
-    plan = ShrinkPlan(shapes={n: list(t.shape) for n, t in new.items()})
+    plan = ShrinkPlan(shapes={n: list(t.shape) for n, t in new.items()},
+                      added={n: list(p.shape) for n, p in model.named_parameters() if n not in graph.param_shapes})
     for mname in sorted(touched):
         attrs = _module_attrs(model.get_submodule(mname))
         if attrs:
@@ -252,6 +259,11 @@ def _apply_config(model: nn.Module, config: dict[str, object]) -> None:
 
 def apply_plan(model: nn.Module, plan: ShrinkPlan) -> nn.Module:
     """Reshape a freshly built original model to the plan's shapes (uninitialised values), ready to load."""
+    for name, shape in plan.added.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        ref = next(module.parameters())
+        module.register_parameter(attr, nn.Parameter(torch.empty(shape, dtype=ref.dtype, device=ref.device)))
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
     unknown = [n for n in plan.shapes if n not in state]

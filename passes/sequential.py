@@ -30,17 +30,23 @@ from surgeon_fx.layers import is_linear, matrix_kind
 class InputStats:
     """Running statistics of one layer's inputs x ∈ R^in over ``n`` tokens.
 
-    full=True: ``total`` = Σ x xᵀ [in, in]; full=False: ``total`` = Σ x² [in].
+    full=True: ``total`` = Σ x xᵀ [in, in]; full=False: ``total`` = Σ x² [in].  ``sum`` = Σ x [in] (float64).
+    ``dtype``: the precision ``total`` is accumulated in.
     """
 
     full: bool
+    dtype: torch.dtype = torch.float32
     n: int = 0
     total: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
+        s_x = x.sum(0, dtype=torch.float64)
+        x = x.to(self.dtype)
         s = x.T @ x if self.full else (x * x).sum(0)
         self.total = s if self.total is None else self.total + s
+        self.sum = s_x if self.sum is None else self.sum + s_x
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -51,8 +57,21 @@ class InputStats:
 
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ = sqrt(Σ_tokens x_j²) [in]."""
-        sq = torch.diagonal(self.total) if self.full else self.total
-        return sq.sqrt()
+        return self._squares().sqrt()
+
+    def mean(self) -> torch.Tensor:
+        """x̄_j = Σ x_j / n [in] (float64)."""
+        return self.sum / self.n
+
+    def variance(self) -> torch.Tensor:
+        """Sample variance over tokens, (Σ x_j² − n x̄_j²) / (n − 1) [in], in float64 (accumulate with
+        dtype=torch.float64 where the mean is large against the spread)."""
+        if self.n < 2:
+            raise ValueError("variance() needs at least two tokens")
+        return ((self._squares().double() - self.n * self.mean() ** 2) / (self.n - 1)).clamp_min(0.0)
+
+    def _squares(self) -> torch.Tensor:
+        return torch.diagonal(self.total) if self.full else self.total
 
 
 class _StopForward(Exception):
@@ -140,10 +159,43 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     return captured
 
 
-PruneFn = Callable[[torch.Tensor, InputStats], tuple[torch.Tensor, torch.Tensor]]
+BlockVisit = Callable[[str, nn.Module, dict[str, InputStats]], bool]
 
 
 @torch.no_grad()
+def run_blocks(model: nn.Module, windows: torch.Tensor, visit: BlockVisit, new_stats: Callable[[], InputStats],
+               batch_size: int = 1, progress: bool | None = None, layers: set[str] | None = None) -> None:
+    """Run the blocks in order on the calibration windows [k, L], collecting input statistics.
+
+    For each block: hooks on its linear layers accumulate ``new_stats()`` statistics over every window, then
+    ``visit(prefix, block, stats)`` may change the block (prefix = "<blocks>.<i>.", stats keyed by qualified
+    layer name, only layers the block called) and returns whether it did; a changed block is rerun, and its
+    outputs feed the next block.
+    layers: qualified names of the only layers to collect (None: every linear layer of the blocks).
+    """
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
+    disable = None if progress is None else not progress  # tqdm's None: quiet off a terminal
+    for index, block in enumerate(tqdm(blocks, desc="blocks", disable=disable)):
+        prefix = f"{blocks_name}.{index}."
+        hooked = {prefix + name: m for name, m in block.named_modules()
+                  if is_linear(m) and (layers is None or prefix + name in layers)}
+        stats = {name: new_stats() for name in hooked}
+        handles = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+                   for name, m in hooked.items()]
+        try:
+            outputs = [batch.call(block) for batch in inputs]
+        finally:
+            for handle in handles:
+                handle.remove()
+        changed = visit(prefix, block, {name: s for name, s in stats.items() if s.n})  # n = 0: never called
+        for batch, out in zip(inputs, outputs):
+            batch.hidden = batch.call(block) if changed else out
+
+
+PruneFn = Callable[[torch.Tensor, InputStats], tuple[torch.Tensor, torch.Tensor]]
+
+
 def prune_sequential(model: nn.Module, windows: torch.Tensor, prune_layer: PruneFn, full_gram: bool,
                      batch_size: int = 1, progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Prune the linear layers of every block in order, in place.
@@ -152,27 +204,15 @@ def prune_sequential(model: nn.Module, windows: torch.Tensor, prune_layer: Prune
     full_gram selects Σ x xᵀ (True) or Σ x² (False) statistics.
     Returns {qualified layer name: keep mask}.
     """
-    blocks_name, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
+    modules = dict(model.named_modules())
     masks: dict[str, torch.Tensor] = {}
-    disable = None if progress is None else not progress  # tqdm's None: quiet off a terminal
-    for index, block in enumerate(tqdm(blocks, desc="blocks", disable=disable)):
-        layers = {name: m for name, m in block.named_modules() if is_linear(m)}
-        stats = {name: InputStats(full_gram) for name in layers}
-        handles = [m.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-                   for name, m in layers.items()]
-        try:
-            for batch in inputs:
-                batch.call(block)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, layer in layers.items():
-            if stats[name].n == 0:  # a layer this block never called
-                continue
-            W_new, keep = prune_layer(weight_out_in(layer).detach().float(), stats[name])
-            set_weight_out_in(layer, W_new)
-            masks[f"{blocks_name}.{index}.{name}"] = keep
-        for batch in inputs:
-            batch.hidden = batch.call(block)
+
+    def visit(_prefix: str, _block: nn.Module, stats: dict[str, InputStats]) -> bool:
+        for name, s in stats.items():
+            W_new, keep = prune_layer(weight_out_in(modules[name]).detach().float(), s)
+            set_weight_out_in(modules[name], W_new)
+            masks[name] = keep
+        return True
+
+    run_blocks(model, windows, visit, lambda: InputStats(full_gram), batch_size, progress)
     return masks

@@ -1,5 +1,9 @@
 """Text corpora -> token ids -> fixed-length windows for calibration and evaluation.
 
+Settings (update rule, damping, shots, FLAP's standardisation) are chosen on *validation* windows:
+`validation_windows` cuts the calibration text (wikitext-2 valid.txt) into windows that share no token with
+the calibration windows of the same seed, so the test windows stay unseen until the final numbers.
+
 Evaluation follows the SparseGPT / LLM Surgeon harness: the whole test text is
 tokenized once (with the tokenizer's default special tokens, as the harness's
 ``tokenizer(text)`` call does) and cut into non-overlapping windows. The paper
@@ -50,6 +54,14 @@ def _check_ids(ids: torch.Tensor, length: int) -> None:
         raise ValueError(f"window length must be positive, got {length}")
 
 
+def calibration_starts(n_ids: int, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """The ``n`` random starts in ``[0, n_ids - length]`` of `calibration_windows` (LongTensor [n])."""
+    if n_ids < length:
+        raise ValueError(f"text has {n_ids} tokens, fewer than one window of {length}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_ids - length + 1, (n,), generator=gen)
+
+
 def calibration_windows(ids: torch.Tensor, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """``n`` windows of ``length`` tokens at random starts in ``[0, N - length]``.
 
@@ -57,12 +69,37 @@ def calibration_windows(ids: torch.Tensor, n: int, length: int, seed: int = 0) -
     windows are reproducible. Returns a LongTensor [n, length].
     """
     _check_ids(ids, length)
-    if ids.numel() < length:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {length}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - length + 1, (n,), generator=gen)
+    starts = calibration_starts(ids.numel(), n, length, seed)
     offsets = torch.arange(length)
     return ids[starts[:, None] + offsets[None, :]].long()
+
+
+def validation_windows(ids: torch.Tensor, length: int, calib_n: int, calib_length: int, seed: int = 0,
+                       limit: int | None = None) -> torch.Tensor:
+    """Held-out windows of the calibration text: ``length`` tokens each, overlapping no calibration window.
+
+    The calibration windows are those of ``calibration_windows(ids, calib_n, calib_length, seed)``.  A scan
+    from token 0 takes a window at the current position when it overlaps none of them (then moves ``length``
+    on) and otherwise jumps past the end of the calibration window it hits, so the validation windows are
+    disjoint from each other and from every calibration token.  Returns the first ``limit`` (default all),
+    LongTensor [k, length]; ValueError when none fits.
+    """
+    _check_ids(ids, length)
+    starts = calibration_starts(ids.numel(), calib_n, calib_length, seed).sort().values.tolist()
+    taken, pos, i = [], 0, 0
+    while pos + length <= ids.numel() and (limit is None or len(taken) < limit):
+        while i < len(starts) and starts[i] + calib_length <= pos:
+            i += 1  # calibration windows that end before `pos` can no longer overlap
+        hits = [s + calib_length for s in starts[i:] if s < pos + length]  # ends of the overlapping ones
+        if hits:
+            pos = max(hits)
+        else:
+            taken.append(pos)
+            pos += length
+    if not taken:
+        raise ValueError(f"no window of {length} tokens avoids the {calib_n} calibration windows of "
+                         f"{calib_length} tokens in a text of {ids.numel()} tokens")
+    return torch.stack([ids[p : p + length] for p in taken]).long()
 
 
 def eval_windows(ids: torch.Tensor, length: int, limit: int | None = None) -> torch.Tensor:

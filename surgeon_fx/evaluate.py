@@ -72,11 +72,14 @@ def perplexity(
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    autocast: torch.dtype | None = None,
 ) -> PerplexityResult:
     """Mean next-token NLL and perplexity of ``model`` on windows [k, L].
 
-    The model must already be on ``device``; windows are moved there batch by batch.
-    progress=None shows a tqdm bar only when stderr is a terminal.
+    The model must already be on ``device``; windows are moved there ``batch_size`` at a time (one forward
+    pass per batch).  autocast: run the forward under ``torch.autocast`` with this dtype (e.g. bfloat16
+    matmuls); the cross-entropy is always float32.  progress=None shows a tqdm bar only when stderr is a
+    terminal.
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [k, L] with L >= 2, got shape {tuple(windows.shape)}")
@@ -87,7 +90,8 @@ def perplexity(
     starts = range(0, k, batch_size)
     for start in tqdm(starts, desc="perplexity", disable=not progress, unit="batch"):
         batch = windows[start : start + batch_size].to(device)
-        logits = logits_of(model, batch)[:, :-1]
+        with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+            logits = logits_of(model, batch)[:, :-1]
         targets = batch[:, 1:]
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"

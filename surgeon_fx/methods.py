@@ -9,6 +9,7 @@ Adding a method is one entry in `METHODS`:
 | surgeon             | structured, unstructured, N:M | multi-shot driver, KFAC curvature (`passes.surgeon`)     |
 | magnitude, l-obd, k-obd | the same               | the same driver with the baselines' curvatures (no data for magnitude) |
 | sparsegpt, wanda    | unstructured, N:M          | one pass over the blocks of a causal LM (`passes.sequential`) |
+| flap, wanda-sp      | structured                 | unit scores from block input statistics of a causal LM (`passes.flap`, `passes.wanda_sp`) |
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from torch import Tensor, nn
 from surgeon_fx.groups import Group
 from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
+from surgeon_fx.passes.flap import flap
 from surgeon_fx.passes.sequential import find_blocks
 from surgeon_fx.passes.sparsegpt import sparsegpt
 from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers
 from surgeon_fx.passes.wanda import wanda
+from surgeon_fx.passes.wanda_sp import wanda_sp
 from surgeon_fx.recipe import Recipe, RecipeError
 
 
@@ -119,6 +122,14 @@ def _sequential(fn: Callable, model: nn.Module, recipe: Recipe, groups: list[Gro
     return Outcome(masks, {}, [])
 
 
+# -- structured peers (FLAP, Wanda-sp): units removed, the pipeline's rewrite shrinks the model -----------------
+def _structured_peer(fn: Callable, model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any,
+                     ctx: RunContext) -> Outcome:
+    removed = fn(model, calib, groups, recipe.structure.kept(recipe.target), batch_size=recipe.batch_size,
+                 progress=ctx.progress)
+    return Outcome({}, removed, [])
+
+
 _ALL = frozenset({"structured", "unstructured", "nm"})
 _SPARSE = frozenset({"unstructured", "nm"})
 
@@ -132,6 +143,11 @@ def _one_pass(fn: Callable) -> dict:
     return dict(kinds=_SPARSE, run=partial(_sequential, fn), layers=_block_linears, needs_lm=True)
 
 
+def _peer(fn: Callable) -> dict:
+    return dict(kinds=frozenset({"structured"}), run=partial(_structured_peer, fn), layers=_block_linears,
+                needs_lm=True)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("surgeon", **_driver("kfac")),
     Method("magnitude", **_driver("identity", needs_data=False)),
@@ -139,6 +155,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("k-obd", **_driver("diag_ga")),
     Method("sparsegpt", **_one_pass(sparsegpt)),
     Method("wanda", **_one_pass(wanda)),
+    Method("flap", **_peer(flap)),
+    Method("wanda-sp", **_peer(wanda_sp)),
 )}
 
 

@@ -157,6 +157,30 @@ def test_method_needs_a_language_model(tmp_path, capsys):
     assert "method wanda needs a causal language model" in line
 
 
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_structured_peer_writes_a_smaller_model_that_reloads(tmp_path, capsys, method):
+    out = tmp_path / method
+    assert main([str(MODELS / "tiny_llama.py"), "--method", method, "--structure", "structured", "--target", "0.7",
+                 *FAST, "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["recipe"]["method"] == method
+    kept = rep["parameters"]["prunable_after"] / rep["parameters"]["prunable_before"]
+    assert 0.6 < kept <= 0.7 + 1e-3 and rep["parameters"]["after"] < rep["parameters"]["before"]
+    assert rep["checks"]["pruned_vs_masked_max_abs"] < 1e-5 and rep["checks"]["reload_max_abs"] < 1e-4
+    manifest = json.loads((out / "manifest.json").read_text())
+    biases = [n for n in manifest["plan"]["added"] if n.endswith("down_proj.bias")]
+    assert bool(biases) == (method == "flap")  # FLAP's compensation biases travel with the plan
+    import surgeon_fx
+    model = surgeon_fx.load(out)
+    assert sum(p.numel() for p in model.parameters()) == rep["parameters"]["after"]
+
+
+def test_structured_peer_refuses_unstructured(tmp_path, capsys):
+    line = run_error(capsys, [str(MODELS / "tiny_llama.py"), "--method", "flap", "--structure", "unstructured"],
+                     tmp_path / "o")
+    assert "method flap does not support structure unstructured" in line
+
+
 def test_structured_sparsegpt_is_refused(tmp_path, capsys):
     line = run_error(capsys, [str(MODELS / "tiny_llama.py"), "--method", "sparsegpt"], tmp_path / "o")
     assert "method sparsegpt does not support structure structured" in line

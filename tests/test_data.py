@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
+from surgeon_fx.data import (calibration_starts, calibration_windows, eval_windows, read_text, tokenize,
+                             validation_windows)
 
 
 class CharTokenizer:
@@ -69,3 +70,31 @@ def test_calibration_windows_can_start_anywhere_including_the_last_start():
 def test_calibration_windows_too_short():
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(torch.arange(4), 2, 5, seed=0)
+
+
+@pytest.mark.parametrize("calib_n, calib_length, length, seed", [(8, 50, 40, 0), (32, 20, 64, 3), (3, 300, 100, 1)])
+def test_validation_windows_share_no_token_with_calibration(calib_n, calib_length, length, seed):
+    ids = torch.arange(2000)  # token id = position, so windows say where they come from
+    calib = calibration_windows(ids, calib_n, calib_length, seed)
+    val = validation_windows(ids, length, calib_n, calib_length, seed)
+    assert val.shape[1] == length and val.shape[0] >= 1
+    used = set(calib.flatten().tolist())
+    assert not used & set(val.flatten().tolist())  # disjoint from calibration
+    assert len(set(val.flatten().tolist())) == val.numel()  # and from each other
+    assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + length)) for w in val)  # contiguous text
+    # greedy: no free stretch of `length` tokens before the last window is left unused
+    free = sorted(set(range(int(val[-1, 0]))) - used - set(val.flatten().tolist()))
+    longest, current, prev = 0, 0, None
+    for t in free:
+        current = current + 1 if prev is not None and t == prev + 1 else 1
+        longest, prev = max(longest, current), t
+    assert longest < length
+
+
+def test_validation_windows_limit_and_errors():
+    ids = torch.arange(1000)
+    starts = calibration_starts(1000, 4, 100, seed=0)
+    assert torch.equal(calibration_windows(ids, 4, 100, 0)[:, 0], starts)
+    assert validation_windows(ids, 50, 4, 100, limit=3).shape == (3, 50)
+    with pytest.raises(ValueError, match="avoids"):
+        validation_windows(ids, 1000, 4, 100)

@@ -74,3 +74,12 @@ def test_hf_model_output_and_no_grad():
 def test_rejects_windows_of_one_token():
     with pytest.raises(ValueError):
         perplexity(Uniform(4), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_bfloat16_autocast_is_close_and_off_by_default():
+    model = tiny_llama()
+    windows = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    full = perplexity(model, windows, progress=False)
+    bf16 = perplexity(model, windows, progress=False, autocast=torch.bfloat16)
+    assert bf16.ppl != full.ppl and bf16.ppl == pytest.approx(full.ppl, rel=0.02)
+    assert next(model.parameters()).dtype == torch.float32  # the weights stay float32
