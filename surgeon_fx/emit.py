@@ -204,8 +204,11 @@ def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor) -> 
     logits on `inputs`.  Returns None when written and verified, else the reason (and `folder` is removed):
     hf/ is optional, so no failure here (saving included) may cost the main result."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     reason = _config_mismatch(model)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the pipeline shows its own stage bar
     if reason is None:
         try:
             model.save_pretrained(folder)
@@ -218,7 +221,9 @@ def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor) -> 
             if not diff <= 1e-4:  # NaN included
                 reason = f"logits of the reloaded hf/ model differ by {diff:.3g}"
         except Exception as err:  # noqa: BLE001 - any failure to write or reload means: do not ship hf/
-            reason = f"save_pretrained / from_pretrained failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reason = f"hf/ export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if bars:
+        hf_logging.enable_progress_bar()
     if reason is not None:
         shutil.rmtree(folder, ignore_errors=True)
     return reason
