@@ -28,8 +28,9 @@ weights to zero in dense tensors.
 The output folder (--out) gets model.safetensors, manifest.json (how to rebuild the module tree),
 report.md / report.json with kept-fraction plots, for Hugging Face models an hf/ folder that
 AutoModelForCausalLM.from_pretrained loads when every layer keeps the same widths, and source/ (a copy of
-MODEL).  Load the result with surgeon_fx.load(OUT).  It is written to a temporary folder and renamed when
-complete; on any error nothing is written."""
+MODEL).  Load the result with surgeon_fx.load(OUT) (add trust_source=True for a model that is not a Hugging
+Face one: loading runs its model file).  It is written to a temporary folder and renamed when complete; on any
+error nothing is written, and two runs never write the same --out at once."""
 EPILOG = """\
 examples:
   # SmolLM2-135M, 90% of the prunable parameters kept, CPU-sized calibration
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="the model file (see above)")
     p.add_argument("--hf", metavar="PATH", help="a local Hugging Face model folder instead of a model file")
     p.add_argument("--out", metavar="DIR", help="output folder (default: ./<model>-<structure>[-<target %%>])")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier surgeon-compile output (or an empty folder); other folders are refused")
     p.add_argument("--recipe", metavar="TOML", help="read options from a flat TOML file; options given here win")
     what = p.add_argument_group("what to prune")
     what.add_argument("--structure", metavar="{structured,unstructured,2:4,4:8,N:M}",
