@@ -383,7 +383,7 @@ def test_report_names_the_source_copy(tmp_path):
     ({"target": "0.5"}, "target must be float, got '0.5'"),
     ({"shots": 2.5}, "shots must be int, got 2.5"),
     ({"damp_a": math.nan}, "damp_a must be a finite number"),
-    ({"structure": 2}, "structure must be str"),
+    ({"structure": 2}, "structure must be a string"),
     ({"eval_windows": True}, "eval_windows must be int"),
 ])
 def test_recipe_checks_types_in_the_python_api(values, message):
