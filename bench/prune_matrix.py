@@ -22,6 +22,7 @@ import copy
 import datetime
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
+from surgeon_fx.passes.curvature import KronFactors, collect_kfac  # noqa: E402
 from surgeon_fx.passes.surgeon import pruned_layers  # noqa: E402
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize, validation_windows  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
@@ -120,16 +121,23 @@ def shared_first_shot(factors: dict):
 
 
 def dense_factors(model, calib, graph, cache: Path) -> dict:
-    """KFAC factors of the dense model for every layer any run prunes, cached on disk (not committed)."""
+    """KFAC factors of the dense model for every layer any run prunes, cached on disk (not committed).
+
+    The cache holds plain tensors and numbers only ({layer: {"A", "G", "tokens"}}) and is read with
+    `weights_only=True`, so a cache file from elsewhere cannot run code; an older cache of pickled objects is
+    not loaded but recomputed."""
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        try:
+            return {name: KronFactors(**f) for name, f in torch.load(cache, weights_only=True).items()}
+        except pickle.UnpicklingError:
+            print(f"{cache}: not plain tensors (an older cache?); recomputing", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     layers = sorted(set(pruned_layers(model, None)) | set(pruned_layers(model, prunable_groups(graph, 1))))
     factors = collect_kfac(model, calib, layers=layers)
     seconds = time.perf_counter() - start
     print(f"dense curvature: {seconds:.0f} s", flush=True)
-    torch.save(factors, cache)
+    torch.save({name: {"A": f.A, "G": f.G, "tokens": f.tokens} for name, f in factors.items()}, cache)
     cache.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "layers": len(layers),
                                                       "windows": list(calib.shape), "machine": machine()}))
     return factors

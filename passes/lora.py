@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from surgeon_fx.layers import CONV2D, matrix_kind
 from surgeon_fx.passes.blocks import to_matrix
+from surgeon_fx.groups import param_name
 
 
 def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -49,7 +50,7 @@ def lora_correct(model: nn.Module, windows: Tensor, layers: list[str], masks: di
         m = modules[name]
         if matrix_kind(m) is CONV2D:
             raise ValueError(f"LoRA corrections support Linear and Conv1D layers, not {name!r} (Conv2d)")
-        keep = _weight_mask(m, masks.get(name + ".weight")).to(m.weight.dtype)
+        keep = _weight_mask(m, masks.get(param_name(name))).to(m.weight.dtype)
         out_dim, in_dim = keep.shape
         A = nn.Parameter(torch.randn(rank, in_dim, generator=gen, dtype=m.weight.dtype) / in_dim ** 0.5)
         B = nn.Parameter(torch.zeros(out_dim, rank, dtype=m.weight.dtype))

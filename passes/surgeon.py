@@ -37,7 +37,7 @@ from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.lora import lora_correct
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from surgeon_fx.passes.update import remove_rows_cols, rowwise_update
-from surgeon_fx.groups import Group, Unit
+from surgeon_fx.groups import Group, Unit, param_name
 from surgeon_fx.structure import Structure
 
 UPDATES = ("correlated", "consumer", "none")
@@ -152,7 +152,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
                  for g in groups}  # parameters only, each tied tensor under its first name
         prunable = sorted({p for g in groups for p in g.params() if p in params})
     else:
-        prunable = [f"{name}.weight" for name in layers]
+        prunable = [param_name(name) for name in layers]
     n_prunable = sum(params[n].numel() for n in prunable)
     n_fixed = sum(p.numel() for p in model.parameters()) - n_prunable if config.target_of == "all" else 0
     targets = shot_targets(config.structure.kept(config.target), config.shots, config.schedule)
@@ -193,7 +193,7 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
                 _checkpoint(path, model, config, state)
             if progress is not None:
                 progress(log)
-    kept_frac = {name: float(state.masks[f"{name}.weight"].float().mean()) if f"{name}.weight" in state.masks
+    kept_frac = {name: float(state.masks[param_name(name)].float().mean()) if param_name(name) in state.masks
                  else 1.0 for name in layers}
     return PruneResult({n: m.clone() for n, m in state.masks.items()},
                        {g: sorted(v) for g, v in state.removed.items()}, state.logs, kept_frac)
@@ -225,7 +225,7 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         m, c = modules[name], curv[name]
         W = to_matrix(m, m.weight.detach(), None).to(torch.float64)
         costs[name] = element_costs(W, c.G_inv.diagonal(), c.A_inv.diagonal())
-        before[name] = ~to_matrix(m, state.masks[f"{name}.weight"], None)
+        before[name] = ~to_matrix(m, state.masks[param_name(name)], None)
     pattern = config.structure.nm
     if pattern is None:
         after = global_masks(costs, before, n_remove)
@@ -250,7 +250,7 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         else:
             M = M.masked_fill(removed, 0.0)
         write_matrix(m, M)
-        state.masks[f"{name}.weight"] = from_matrix(m, ~removed)[0]
+        state.masks[param_name(name)] = from_matrix(m, ~removed)[0]
     return cost, target
 
 

@@ -1,18 +1,15 @@
 """`surgeon-compile`: the command line front door (argument parsing, error lines, the final summary).
 
 The work itself is `surgeon_fx.compile.compile_model`; options override a `--recipe` file, which overrides the
-defaults of `surgeon_fx.recipe.Recipe`.
+defaults of `surgeon_fx.recipe.Recipe`.  The pipeline (and torch) is imported inside `main`, so that Ctrl-C at
+any moment, start-up included, ends with one line; SIGTERM is handled like Ctrl-C (temporary files removed).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
-
-from surgeon_fx.compile import USER_ERRORS, CompileError, CompileResult, compile_model
-from surgeon_fx.modelfile import from_hf_folder, load_model_file
-from surgeon_fx.methods import METHODS
-from surgeon_fx.recipe import Recipe
 
 PROG = "surgeon-compile"
 DESCRIPTION = """\
@@ -31,8 +28,9 @@ weights to zero in dense tensors.
 The output folder (--out) gets model.safetensors, manifest.json (how to rebuild the module tree),
 report.md / report.json with kept-fraction plots, for Hugging Face models an hf/ folder that
 AutoModelForCausalLM.from_pretrained loads when every layer keeps the same widths, and source/ (a copy of
-MODEL).  Load the result with surgeon_fx.load(OUT).  It is written to a temporary folder and renamed when
-complete; on any error nothing is written."""
+MODEL).  Load the result with surgeon_fx.load(OUT) (add trust_source=True for a model that is not a Hugging
+Face one: loading runs its model file).  It is written to a temporary folder and renamed when complete; on any
+error nothing is written, and two runs never write the same --out at once."""
 EPILOG = """\
 examples:
   # SmolLM2-135M, 90% of the prunable parameters kept, CPU-sized calibration
@@ -56,13 +54,17 @@ exit status: 0 on success, 2 for a bad input (one line on stderr names it), 1 fo
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every recipe option defaults to None so that only given options override."""
+    from surgeon_fx.methods import METHODS
+    from surgeon_fx.recipe import Recipe
+
     d = Recipe()
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="the model file (see above)")
     p.add_argument("--hf", metavar="PATH", help="a local Hugging Face model folder instead of a model file")
     p.add_argument("--out", metavar="DIR", help="output folder (default: ./<model>-<structure>[-<target %%>])")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier surgeon-compile output (or an empty folder); other folders are refused")
     p.add_argument("--recipe", metavar="TOML", help="read options from a flat TOML file; options given here win")
     what = p.add_argument_group("what to prune")
     what.add_argument("--structure", metavar="{structured,unstructured,2:4,4:8,N:M}",
@@ -116,13 +118,13 @@ OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher",
                  "device")
 
 
-def default_out(name: str, recipe: Recipe) -> Path:
+def default_out(name: str, recipe) -> Path:
     """./<model stem>-<structure>[-<target percent>]."""
     tag = str(recipe.structure).replace(":", "of")
     return Path(f"{Path(name).stem}-{tag}" + ("" if recipe.structure.nm else f"-{round(recipe.target * 100)}"))
 
 
-def summary(result: CompileResult) -> str:
+def summary(result) -> str:
     """What was written, in a few lines for the terminal."""
     r, out = result.report, result.out
     p = r["parameters"]
@@ -136,7 +138,10 @@ def summary(result: CompileResult) -> str:
     if ev:
         where = (f"{ev['windows']} windows x {ev['length']} tokens" if ev["length"] else f"{ev['windows']} batches")
         lines.append(f"  {ev['metric']:<11} {ev['before']:.4g} -> {ev['after']:.4g} ({where})")
-    lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r})")
+    from surgeon_fx.trace import is_hf_causal_lm
+
+    trust = "" if is_hf_causal_lm(result.model) else ", trust_source=True"  # loading runs the model file
+    lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r}{trust})")
     hf_note = next((line for line in r["output"] if line.endswith("/hf")), None)
     if hf_note:
         cls = r["source"].get("hf_class") or "AutoModelForCausalLM"
@@ -152,9 +157,36 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 ok, 2 bad input, 1 internal error, 130 interrupted)."""
+    """Run the command; returns the exit status (0 ok, 2 bad input, 1 internal error, 130 interrupted,
+    143 terminated)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun with --resume to continue from the last finished shot", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{PROG}: terminated; rerun with --resume to continue from the last finished shot", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from surgeon_fx.compile import USER_ERRORS, CompileError, compile_model
+    from surgeon_fx.modelfile import from_hf_folder, load_model_file
+    from surgeon_fx.recipe import Recipe
+
     try:
         if (args.model is None) == (args.hf is None):
             raise CompileError("give either a model file or --hf PATH (exactly one)")
@@ -166,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun with --resume to continue from the last finished shot", file=sys.stderr)
-        return 130
     except Exception as err:  # noqa: BLE001 - a bug: one line unless asked for the traceback
         if args.traceback:
             raise

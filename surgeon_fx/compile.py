@@ -10,10 +10,14 @@ timed and its peak memory recorded (resident set size via `resource.getrusage`, 
 Structured pruning uses the dependency graph's exact groups (heads, KV heads, MLP neurons, conv channels);
 the residual stream crosses normalisation layers (removal is not the same as zeroing) and stays whole.
 The multi-shot methods checkpoint after every shot into ``<out>.work/`` next to the output; ``resume=True``
-continues from there.  The work folder is removed when the output has been written.
+continues from there when every input that shaped the checkpoint (model file, dense weights, calibration data,
+options) is the same (`run_inputs`), and refuses otherwise (`ResumeMismatch`).  The work folder is removed when
+the output has been written.  The output is locked from start to end (`emit.output_lock`); weights and outputs
+that are not finite are rejected, naming the first bad parameter.
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
 import shutil
@@ -31,15 +35,16 @@ from tqdm.auto import tqdm
 
 from surgeon_fx.passes.blocks import to_matrix
 from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
-from surgeon_fx.passes.round_units import with_multiple
+from surgeon_fx.passes.round_units import ROUNDED_KINDS, with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import emit, report
-from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
+from surgeon_fx.data import calibration_windows, digest, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import main_output as outputs, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
-from surgeon_fx.loader import load
-from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
+from surgeon_fx.hf import drop_gguf_record
+from surgeon_fx.loader import LoadError, load
+from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows, sha256_of
 from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
 from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_model
@@ -49,7 +54,11 @@ class CompileError(ValueError):
     """An input the pipeline cannot work with; the message is one line naming the cause."""
 
 
-USER_ERRORS = (CompileError, RecipeError, MethodError, ModelFileError, TraceError, emit.EmitError)
+class ResumeMismatch(CompileError):
+    """``--resume`` found a checkpoint made from other inputs (model file, weights, calibration data, options)."""
+
+
+USER_ERRORS = (CompileError, RecipeError, MethodError, ModelFileError, TraceError, emit.EmitError, LoadError)
 RELOAD_TOLERANCE = 1e-4  # max |Δ| of reloaded vs in-memory outputs, relative to max(1, max |output|)
 
 
@@ -141,6 +150,45 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def check_finite(model: nn.Module, what: str) -> None:
+    """CompileError naming the first parameter or buffer of `model` that holds NaN or ±inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CompileError(f"{what} has non-finite weights: {name} holds "
+                               f"{'NaN' if torch.isnan(t).any() else 'inf'} values")
+
+
+def check_forward(model: nn.Module, inputs: tuple, mf: ModelFile) -> Tensor:
+    """The model's output on the example inputs; a failure, a non-tensor or a non-finite output is an error
+    of the model file (before any tracing or work)."""
+    try:
+        out = outputs(model, inputs)
+    except Exception as err:  # noqa: BLE001 - the user's model on the user's inputs
+        text = str(err).strip()
+        raise ModelFileError(f"{mf.name}: the model fails on example_inputs() (wrong shape or number of inputs?): "
+                             f"{type(err).__name__}: {text.splitlines()[0] if text else ''}") from None
+    if not isinstance(out, Tensor):
+        raise ModelFileError(f"{mf.name}: the model returns {type(out).__name__}; surgeon-compile needs a tensor, a "
+                             f"tuple starting with one, or an output with .logits")
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise CompileError(f"{mf.name}: the model's output on example_inputs() is not finite (NaN or inf)")
+    return out
+
+
+def check_token_ids(ids: Tensor, model: nn.Module, what: str) -> None:
+    """CompileError when token windows hold ids outside the model's input embedding (negative or ≥ vocab)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if not isinstance(emb, nn.Embedding) or ids.numel() == 0:
+        return
+    vocab, low, high = emb.num_embeddings, int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise CompileError(f"{what} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                           f"(ids 0 to {vocab - 1}): does the tokenizer belong to this model?")
+
+
 def prunable_groups(graph: DependencyGraph, round_to: int) -> list[Group]:
     """The exact groups of the graph; neuron and channel groups keep a multiple of `round_to` units
     (`passes.round_units.with_multiple`: heads are whole heads already); the graph's groups are not changed."""
@@ -176,6 +224,11 @@ def check_model(model: nn.Module, mf: ModelFile, recipe: Recipe, method: Method,
         raise CompileError(f"calibration length {recipe.calib_length} exceeds the model's {limit} positions "
                            f"(use --calib-length {limit} or less)")
     if recipe.structure.structured:
+        small = [g for g in graph.groups if g.exact and g.kind in ROUNDED_KINDS and g.size < 2 * recipe.round_to]
+        if recipe.round_to > 1 and small:
+            raise CompileError(f"--round-to {recipe.round_to} cannot apply to group {small[0].name} ({small[0].size} "
+                               f"units, fewer than 2 x {recipe.round_to}); use --round-to "
+                               f"{min(g.size for g in small) // 2} or less")
         groups = prunable_groups(graph, recipe.round_to)
         if not groups:
             raise CompileError(f"structured pruning is not possible: the dependency graph of {mf.name} has no "
@@ -215,7 +268,13 @@ def _text_ids(mf: ModelFile, source: str, option: str) -> Tensor:
         text = read_text(source)
     except (OSError, ValueError, ImportError) as err:
         raise CompileError(f"cannot read {option} {source}: {err}") from None
-    return tokenize(tokenizer, text)
+    if not text.strip():
+        raise CompileError(f"{option} {source} is empty")
+    try:
+        return tokenize(tokenizer, text)
+    except Exception as err:  # noqa: BLE001 - the model file's tokenizer
+        raise ModelFileError(f"{mf.name}: tokenizer() failed on {option} {source}: {type(err).__name__}: "
+                             f"{err}") from None
 
 
 def calibration_data(mf: ModelFile, recipe: Recipe, method: Method) -> Any:
@@ -250,6 +309,21 @@ def evaluation_data(mf: ModelFile, recipe: Recipe, model: nn.Module) -> Any:
     return check_windows(data, "evaluation data") if mf.is_lm else data
 
 
+def check_data(mf: ModelFile, model: nn.Module, calib: Any, data: Any, device: torch.device) -> None:
+    """Token ids within the vocabulary (LM); for other models, `loss` gives a finite scalar on the first
+    calibration batch (so wrong batches fail here, before any work, with the model file named)."""
+    if mf.is_lm:
+        for ids, what in ((calib, "the calibration data"), (data, "the evaluation data")):
+            if ids is not None:
+                check_token_ids(ids, model, what)
+        return
+    if calib is not None:
+        with torch.no_grad():
+            value = mf.checked_loss(model, _to(calib[0], device))
+        if not torch.isfinite(value):
+            raise CompileError(f"{mf.name}: loss() on the first calibration batch is not finite ({float(value)})")
+
+
 def evaluate(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device, progress: bool) -> dict | None:
     """Perplexity (LM) or mean loss per example (other models) on the evaluation data."""
     if data is None:
@@ -260,7 +334,7 @@ def evaluate(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device,
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in tqdm(data, desc="evaluate", disable=not progress, leave=False):
-            total += float(mf.loss(model, _to(batch, device)))
+            total += float(mf.checked_loss(model, _to(batch, device)))
             count += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
     return {"metric": "loss per example", "value": total / count, "windows": len(data), "length": None}
 
@@ -271,6 +345,50 @@ def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
+INPUTS = "inputs.json"  # in the work folder: what shaped its checkpoint
+NOT_SHAPING = ("eval_windows", "eval_file", "eval_length", "device")  # recipe fields a checkpoint does not depend on
+
+
+def run_inputs(mf: ModelFile, recipe: Recipe, model: nn.Module, calib: Any) -> dict:
+    """Every input that shapes a checkpoint: the model file's sha256 (a Hugging Face folder: its config.json),
+    a digest of the dense weights, a digest of the calibration data, and the recipe's options."""
+    source = mf.path if mf.path is not None else mf.hf_path / "config.json"
+    return {"model file": sha256_of(source), "weights": digest(model.state_dict()),
+            "calibration data": digest(calib),
+            "options": {k: v for k, v in recipe.to_dict().items() if k not in NOT_SHAPING}}
+
+
+def start_work(work: Path, inputs: dict, resume: bool) -> None:
+    """Create the work folder with its inputs record; with `resume`, keep an existing one only when its record
+    equals `inputs` (else `ResumeMismatch`, naming what differs, and the folder is left as it is)."""
+    if resume and work.exists():
+        try:
+            saved = json.loads((work / INPUTS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if saved != inputs:
+            raise ResumeMismatch(f"--resume: the checkpoint in {work} was made from {_difference(saved, inputs)}; "
+                                 f"run without --resume to start again")
+        return
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / INPUTS).write_text(json.dumps(inputs, indent=1) + "\n", encoding="utf-8")
+
+
+def _difference(saved: dict | None, now: dict) -> str:
+    if not isinstance(saved, dict) or saved.keys() != now.keys():
+        return "unrecorded inputs"
+    if saved["options"] != now["options"]:
+        key = next(k for k in now["options"] if saved["options"].get(k) != now["options"][k])
+        return f"other options ({key} was {saved['options'].get(key)!r}, now {now['options'][key]!r})"
+    return next(phrase for k, phrase in CHANGED.items() if saved[k] != now[k])
+
+
+CHANGED = {"model file": "another model file (its sha256 differs)", "weights": "other model weights",
+           "calibration data": "other calibration data (windows, length, text file or seed)"}
+
+
 def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, ctx: RunContext) -> Outcome:
     """Run the recipe's method in place (`surgeon_fx.methods`), with a progress bar over the shots."""
     method = resolve(recipe)
@@ -279,7 +397,7 @@ def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: An
     try:
         return method.run(model, recipe, groups, calib, replace(ctx, on_shot=lambda done, total: bar.update(1)))
     except CheckpointMismatch:
-        raise CompileError(f"--resume: the checkpoint in {ctx.checkpoint_dir} was written with other options; run "
+        raise ResumeMismatch(f"--resume: the checkpoint in {ctx.checkpoint_dir} was written with other options; run "
                            f"without --resume to start again") from None
     finally:
         bar.close()
@@ -297,52 +415,77 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
     progress = sys.stderr.isatty() if progress is None else progress
     structured = recipe.structure.structured
     stages = Stages(device, 9 if structured else 8, progress)
-    try:
-        with stages("build"):
-            model = mf.build().to(device).eval()
-            inputs = tuple(_to(x, device) for x in mf.example_inputs(model))
-            hf = is_hf_model(model)
-            source = _source(mf, model, hf)
-            dense = report.weight_counts(model)
-            dense_sizes = {n: p.numel() for n, p in model.named_parameters()}
-        graph = None
-        if structured:
-            with stages("trace"):
-                graph = build_graph(model, inputs)
-        groups = check_model(model, mf, recipe, method, graph)
-        with stages("data"):
-            calib = calibration_data(mf, recipe, method)
-            data = evaluation_data(mf, recipe, model)
-        with stages("evaluate dense"):
-            before = evaluate(model, mf, data, recipe, device, progress)
-        with stages("prune"):
-            work = work_dir(out)
-            if work.exists() and not resume:
-                shutil.rmtree(work)
-            outcome = run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=mf.loss,
-                                  checkpoint_dir=work / "checkpoint", progress=progress))
-            masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
-        with stages("rewrite"):
-            plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
-        with stages("evaluate pruned"):
-            after = evaluate(model, mf, data, recipe, device, progress)
-        tokenizer = _tokenizer_for_hf(mf) if hf else None
-        with emit.atomic_dir(out, overwrite) as tmp:
-            with stages("emit + verify"):
-                manifest = _manifest(mf, source, recipe, plan, masks, model)
-                files = _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)
-                checks["reload_max_abs"] = max_diff(outputs(load(tmp, device), inputs), outputs(model, inputs))
-                if checks["reload_max_abs"] > RELOAD_TOLERANCE:
-                    raise CompileError(f"the written model does not reproduce the pruned one (max |Δ| = "
-                                       f"{checks['reload_max_abs']:.3g}); nothing written")
-            data_report = _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots, before,
-                                  after, checks, files, out, stages.logs)
-            files += report.write_report(tmp, data_report, {f"{recipe.method} {_label(recipe)}": _rows(dense, model,
-                                                                                                      masks)})
-    finally:
-        stages.bar.close()
-    shutil.rmtree(work_dir(out), ignore_errors=True)
+    with emit.output_lock(out, overwrite):
+        try:
+            with stages("build"):
+                model = mf.build().to(device).eval()
+                inputs = tuple(_to(x, device) for x in mf.example_inputs(model))
+                hf = is_hf_model(model)
+                if hf:
+                    drop_gguf_record(model)
+                check_finite(model, mf.name)
+                check_forward(model, inputs, mf)
+                source = _source(mf, model, hf)
+                dense = report.weight_counts(model)
+                dense_sizes = {n: p.numel() for n, p in model.named_parameters()}
+            graph = None
+            if structured:
+                with stages("trace"):
+                    graph = build_graph(model, inputs)
+            groups = check_model(model, mf, recipe, method, graph)
+            with stages("data"):
+                calib = calibration_data(mf, recipe, method)
+                data = evaluation_data(mf, recipe, model)
+                check_data(mf, model, calib, data, device)
+            with stages("evaluate dense"):
+                before = evaluate(model, mf, data, recipe, device, progress)
+            with stages("prune"):
+                outcome = _prune(mf, recipe, method, model, groups, calib, out, resume, device, progress)
+                masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
+                check_finite(model, "the pruned model")
+            with stages("rewrite"):
+                plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
+            with stages("evaluate pruned"):
+                after = evaluate(model, mf, data, recipe, device, progress)
+            tokenizer = _tokenizer_for_hf(mf) if hf else None
+            pruned = outputs(model, inputs)
+            if not torch.isfinite(pruned).all():
+                raise CompileError("the pruned model's output on example_inputs() is not finite (NaN or inf)")
+            with emit.atomic_dir(out, overwrite) as tmp:
+                with stages("emit + verify"):
+                    manifest = _manifest(mf, source, recipe, plan, masks, model)
+                    files = [f.relative_to(tmp) for f in _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)]
+                    reloaded = load(tmp, device, trust_source=True)  # our own folder and the user's own file
+                    checks["reload_max_abs"] = max_diff(outputs(reloaded, inputs), pruned)
+                    if not checks["reload_max_abs"] <= RELOAD_TOLERANCE:  # NaN included
+                        raise CompileError(f"the written model does not reproduce the pruned one (max |Δ| = "
+                                           f"{checks['reload_max_abs']:.3g}); nothing written")
+                data_report = _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots, before,
+                                      after, checks, files, out, stages.logs)
+                report.write_report(tmp, data_report, {f"{recipe.method} {_label(recipe)}": _rows(dense, model,
+                                                                                                 masks)})
+        finally:
+            stages.bar.close()
+        shutil.rmtree(work_dir(out), ignore_errors=True)
     return CompileResult(out, model, data_report, plan, {} if structured else masks)
+
+
+def _prune(mf: ModelFile, recipe: Recipe, method: Method, model: nn.Module, groups: list[Group], calib: Any,
+           out: Path, resume: bool, device: torch.device, progress: bool) -> Outcome:
+    """`run_pruning`; the multi-shot methods checkpoint in the work folder (`start_work`), which is removed again
+    when the run fails before its first checkpoint (nothing to resume)."""
+    loss = None if mf.is_lm else mf.checked_loss
+    if not method.multishot:  # one pass: nothing to checkpoint
+        return run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=loss, progress=progress))
+    work = work_dir(out)
+    start_work(work, run_inputs(mf, recipe, model, calib), resume)
+    try:
+        return run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=loss, progress=progress,
+                                                                    checkpoint_dir=work / "checkpoint"))
+    except BaseException:
+        if not (work / "checkpoint").exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _tokenizer_for_hf(mf: ModelFile):
@@ -425,7 +568,7 @@ def _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots
     if before is not None:
         evaluation = {"metric": before["metric"], "before": before["value"], "after": after["value"],
                       "windows": before["windows"], "length": before["length"]}
-    output = [str(out / f.name) for f in files] + [str(out / name) for name in report.REPORT_FILES]
+    output = [str(out / f) for f in files] + [str(out / name) for name in report.REPORT_FILES]
     return {"source": {"name": mf.name, "path": str(mf.path) if mf.path else None,
                        "hf_path": str(mf.hf_path) if mf.hf_path else None,
                        "hf_class": type(model).__name__ if is_hf_model(model) else None},

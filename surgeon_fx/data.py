@@ -11,6 +11,7 @@ harness builds the text as ``"\\n\\n".join(dataset["text"])``; a local raw file
 is read as-is.
 """
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -119,3 +120,29 @@ def eval_windows(ids: torch.Tensor, length: int, limit: int | None = None) -> to
     if k == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {length}")
     return ids[: k * length].reshape(k, length).long()
+
+
+def digest(data) -> str:
+    """Hex sha256 of a nest of tensors, lists, tuples, dicts and plain values (calibration batches, a state
+    dict): each tensor's dtype, shape and bytes, so that equal digests mean equal data."""
+    h = hashlib.sha256()
+    _feed(h, data)
+    return h.hexdigest()
+
+
+def _feed(h, x) -> None:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data)
+    elif isinstance(x, dict):
+        h.update(f"D{len(x)}".encode())
+        for key, value in x.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(x, (list, tuple)):
+        h.update(f"L{len(x)}".encode())
+        for value in x:
+            _feed(h, value)
+    else:
+        h.update(f"V{x!r}".encode())

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def param_name(module: str, attr: str = "weight") -> str:
+    """Qualified name of parameter `attr` of the module named `module` ("" is the root: just `attr`)."""
+    return f"{module}.{attr}" if module else attr
+
+
 @dataclass(frozen=True)
 class Slice:
     """Indices `index` of dimension `dim` of the parameter or buffer `param` (qualified name)."""

@@ -37,7 +37,21 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.config.use_cache = False
+    drop_gguf_record(model)
     return model.eval(), tokenizer
+
+
+def drop_gguf_record(model: nn.Module) -> None:
+    """Remove the GGUF quantization record of a model loaded from a GGUF file.
+
+    `transformers` dequantizes GGUF weights to plain float tensors on load, but keeps the quantizer and
+    ``config.quantization_config``; `save_pretrained` then refuses the model ("quantized with gguf and is not
+    serializable") and the config no longer describes the float weights.  Other quantizations are left alone.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)
 
 
 def from_config(config, seed: int) -> nn.Module:

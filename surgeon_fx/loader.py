@@ -1,8 +1,15 @@
-"""`surgeon_fx.load(folder)`: rebuild a compiled model from its output folder.
+"""`surgeon_fx.load(folder)`: rebuild a compiled model from its output folder, safely.
 
 The manifest says how to build the *original* module tree — from the Hugging Face config it was compiled
-from, or by calling `build()` of the model file (the recorded path when its sha256 still matches, else the copy
-kept in the folder) — and the `ShrinkPlan` that reshapes it; then `model.safetensors` is loaded into it.
+from, or by calling `build()` of the model file — and the `ShrinkPlan` that reshapes it; then
+`model.safetensors` is checked against the sha256 in the manifest and loaded into it.
+
+An output folder may come from someone else, so loading runs no code from it by default: a Hugging Face result
+is rebuilt from its config alone (no remote code), while a result of a plain model file needs
+``trust_source=True`` (like ``trust_remote_code``), which runs the recorded model file when its sha256 still
+matches, else the copy kept in the folder's ``source/`` when it matches (a path that leaves the folder is
+refused).  The digests
+cover the weights and the model file itself, not modules that the model file imports.
 """
 from __future__ import annotations
 
@@ -18,22 +25,36 @@ from surgeon_fx.passes.rewrite import ShrinkPlan, apply_plan
 from surgeon_fx.modelfile import load_model_file, sha256_of
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The compiled model stored in folder `path`, in eval mode on `device`."""
+class LoadError(ValueError):
+    """The folder is not an intact output, or loading it would run code the caller did not trust."""
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", *, trust_source: bool = False) -> nn.Module:
+    """The compiled model stored in folder `path`, in eval mode on `device` (see the module docstring)."""
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"{folder} is not a surgeon-compile output folder (no {MANIFEST})")
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    model = rebuild_original(manifest["source"], folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoadError(f"{folder / MANIFEST} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"{folder / MANIFEST}: unknown format "
+                        f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r} (expected {FORMAT})")
+    digest = manifest.get("weights_sha256")
+    if digest is None:
+        raise LoadError(f"{folder / MANIFEST} records no sha256 of {WEIGHTS}; the weights cannot be verified")
+    if sha256_of(folder / WEIGHTS) != digest:
+        raise LoadError(f"{folder / WEIGHTS} does not match the sha256 in its manifest: the file was changed or "
+                        f"damaged")
+    model = rebuild_original(manifest["source"], folder, trust_source=trust_source)
     if manifest.get("plan"):
         apply_plan(model, ShrinkPlan.from_json(manifest["plan"]))
     load_model(model, str(folder / WEIGHTS), strict=True)
     return model.to(device).eval()
 
 
-def rebuild_original(source: dict, folder: Path) -> nn.Module:
+def rebuild_original(source: dict, folder: Path, *, trust_source: bool = False) -> nn.Module:
     """The original (dense, unpruned) module tree described by a manifest's `source` entry."""
     if "hf_config" in source:
         import transformers
@@ -48,9 +69,16 @@ def rebuild_original(source: dict, folder: Path) -> nn.Module:
         model = build(config, attn_implementation=source.get("attn_implementation"),
                       dtype=getattr(torch, source.get("dtype", "float32")))
         return model.eval()
+    if not trust_source:
+        raise LoadError(f"{folder} was compiled from the model file {source.get('name')!r}: loading it runs that "
+                        f"Python file; pass trust_source=True if you trust the folder and the file")
     recorded = Path(source["path"])
     if recorded.is_file() and sha256_of(recorded) == source["sha256"]:
-        path = recorded
-    else:
-        path = folder / source["copy"]
-    return load_model_file(path).build()
+        return load_model_file(recorded).build()
+    copy = (folder / source["copy"]).resolve()
+    if not copy.is_relative_to(folder.resolve()):
+        raise LoadError(f"{folder / MANIFEST}: the source copy {source['copy']!r} lies outside the folder")
+    if not copy.is_file() or sha256_of(copy) != source["sha256"]:
+        raise LoadError(f"{folder}: neither the model file {recorded} nor the copy {source['copy']} matches the "
+                        f"sha256 in the manifest")
+    return load_model_file(copy).build()

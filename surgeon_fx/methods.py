@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from surgeon_fx.groups import Group
+from surgeon_fx.groups import Group, param_name
 from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.flap import flap
@@ -117,7 +117,7 @@ def _sequential(fn: Callable, model: nn.Module, recipe: Recipe, groups: list[Gro
     amount = {"n_m": nm} if nm else {"sparsity": 1.0 - recipe.target}
     keep = fn(model, calib, batch_size=recipe.batch_size, progress=ctx.progress, **amount)
     modules = dict(model.named_modules())
-    masks = {f"{name}.weight": matrix_kind(modules[name]).storage(m, modules[name].weight.shape)
+    masks = {param_name(name): matrix_kind(modules[name]).storage(m, modules[name].weight.shape)
              for name, m in keep.items()}
     return Outcome(masks, {}, [])
 

@@ -47,8 +47,12 @@ class ModelFileError(ValueError):
 
 
 def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks (weights can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -129,6 +133,16 @@ class ModelFile:
                                  f"(--calib-file / --eval-file)")
         return self._call("tokenizer", self.tokenizer_fn)
 
+    def checked_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """`loss(model, batch)`, checked to be a one-element floating-point tensor (returned as a scalar)."""
+        value = self._call("loss", self.loss, model, batch)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            raise ModelFileError(f"{self.name}: loss(model, batch) must return a scalar floating-point tensor "
+                                 f"(summed over the batch), got {got}")
+        return value.reshape(())
+
     def _call(self, what: str, fn: Callable, *args):
         try:
             return fn(*args)
@@ -162,6 +176,9 @@ def _first_line(err: BaseException) -> str:
 def load_model_file(path: str | Path) -> ModelFile:
     """Import a model file and collect its contract functions; ModelFileError when it cannot be used."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file {path} is a folder, not a Python file (for a Hugging Face model folder "
+                             f"use --hf {path})")
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
     if path.suffix != ".py":

@@ -15,6 +15,7 @@ combination is validated by `surgeon_fx.methods.resolve`, structure and target b
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -26,7 +27,23 @@ FISHERS = ("empirical", "sampled")
 
 
 class RecipeError(ValueError):
-    """A recipe value (from a file or an option) that cannot be used."""
+    """A recipe value (from a file, an option or the Python API) that cannot be used."""
+
+
+def checked_value(key: str, want: str, value, origin: str):
+    """`value` for the field `key` annotated `want` ("float", "int | None", ...): an int where a float is wanted
+    becomes a float; a wrong type (bools are not numbers) or a non-finite float is a RecipeError."""
+    base = want.split(" |")[0]
+    if value is None and "None" in want:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "float" and number:
+        if not math.isfinite(value):
+            raise RecipeError(f"{origin}: {key} must be a finite number, got {value}")
+        return float(value)
+    if (base == "int" and number and isinstance(value, int)) or (base == "str" and isinstance(value, str)):
+        return value
+    raise RecipeError(f"{origin}: {key} must be {base}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,9 @@ class Recipe:
             object.__setattr__(self, "structure", Structure.parse(self.structure))
         except StructureError as err:
             raise RecipeError(str(err)) from None
+        for f in fields(self):
+            if f.name != "structure":
+                object.__setattr__(self, f.name, checked_value(f.name, f.type, getattr(self, f.name), "recipe"))
 
     def to_dict(self) -> dict:
         """The recipe as plain data (the structure by name), as reports and manifests record it."""
@@ -73,6 +93,12 @@ class Recipe:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RecipeError(f"recipe {path} does not exist") from None
+        except IsADirectoryError:
+            raise RecipeError(f"recipe {path} is a folder, not a TOML file") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"recipe {path} is not valid TOML: {err}") from None
         return cls().merged({k.replace("-", "_"): v for k, v in data.items()}, origin=f"recipe {path}")
@@ -81,16 +107,11 @@ class Recipe:
         """A copy with `values` (field name -> value; None = not given) applied after type checks."""
         types = {f.name: f.type for f in fields(self)}
         given = {k: v for k, v in values.items() if v is not None}
-        for key, value in given.items():
+        for key in given:
             if key not in types:
                 raise RecipeError(f"{origin}: unknown key {key!r} (known: {', '.join(sorted(types))})")
-            want = types[key]
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in want else
-                  isinstance(value, int) and not isinstance(value, bool) if "int" in want else
-                  isinstance(value, str))
-            if not ok:
-                raise RecipeError(f"{origin}: {key} must be {want.split(' |')[0]}, got {value!r}")
-        return replace(self, **{k: float(v) if "float" in types[k] else v for k, v in given.items()})
+        return replace(self, **{k: v if k == "structure" else checked_value(k, types[k], v, origin)
+                                for k, v in given.items()})
 
     def check(self) -> None:
         """Validate the recipe on its own (no model needed); raises RecipeError with one clear line."""
@@ -105,12 +126,18 @@ class Recipe:
         if self.fisher_approx not in ("kfac", "nearest"):
             raise RecipeError(f"fisher_approx must be kfac or nearest, not {self.fisher_approx!r}")
         positive = {"shots": self.shots, "calib_windows": self.calib_windows, "batch_size": self.batch_size,
-                    "round_to": self.round_to, "eval_windows": self.eval_windows or 1}
+                    "round_to": self.round_to}
         for key, value in positive.items():
             if value < 1:
                 raise RecipeError(f"{key} must be at least 1, got {value}")
         for key, value in {"calib_length": self.calib_length, "eval_length": self.eval_length}.items():
             if value < 2:
                 raise RecipeError(f"{key} must be at least 2 tokens, got {value}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise RecipeError(f"eval_windows must be at least 1 (leave it out to evaluate on every window), "
+                              f"got {self.eval_windows}")
         if self.lora_rank < 0:
             raise RecipeError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        for key, value in {"damp_a": self.damp_a, "damp_g": self.damp_g}.items():
+            if value is not None and value <= 0:
+                raise RecipeError(f"{key} (damping) must be positive, got {value:g}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from surgeon_fx.groups import param_name
 
 REPORT_FILES = ("report.md", "report.json", "kept_by_depth.png", "kept_by_kind.png")
 KIND_ORDER = ("Q", "K", "V", "QKV", "O", "gate", "up/FC1", "down/FC2", "conv", "embedding", "other")
@@ -89,7 +92,7 @@ def weight_counts(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or id(weight) in seen:
             continue
         seen.add(id(weight))
-        mask = masks.get(f"{name}.weight")
+        mask = masks.get(param_name(name))
         out[name] = (type(module).__name__, int(mask.sum()) if mask is not None else weight.numel())
     return out
 
@@ -228,9 +231,21 @@ def write_report(folder: str | Path, report: dict, runs: dict[str, list[LayerRow
     """Write report.json, report.md and the kept-fraction plots of `runs` into `folder`; returns the paths."""
     folder = Path(folder)
     paths = plot_kept(runs, folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n",
+                                        encoding="utf-8")
     (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return [folder / "report.json", folder / "report.md"] + paths
+
+
+def json_safe(value):
+    """`value` with every non-finite float as the string "nan", "inf" or "-inf" (bare NaN is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def rows_as_dicts(rows: list[LayerRow]) -> list[dict]:

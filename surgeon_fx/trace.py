@@ -3,9 +3,13 @@
 `torch.export.export(..., strict=False)` is the primary tracer (it runs the Python code as-is, so it handles
 Hugging Face models); `torch.fx.symbolic_trace` is the fallback for simple modules that export cannot run.
 Hugging Face causal LMs are wrapped so that the traced function returns logits with `use_cache=False`.
+Both tracers run quietly (`_quiet`): a failure is the one-line `TraceError`, not torch's graph dumps and logs.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -99,11 +103,12 @@ def trace(model: nn.Module, example_inputs: tuple, *, wrap_hf: bool = True) -> T
     root = LogitsOf(model) if wrapped else model
     prefix = WRAP + "." if wrapped else ""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             ep = torch.export.export(root, tuple(example_inputs), strict=False)
     except Exception as export_error:  # noqa: BLE001 - fall back, then report both
         try:
-            gm = torch.fx.symbolic_trace(root)
+            with _quiet():
+                gm = torch.fx.symbolic_trace(root)
         except Exception as fx_error:  # noqa: BLE001
             raise TraceError(
                 f"cannot trace {type(model).__name__}: torch.export failed with "
@@ -116,6 +121,19 @@ def trace(model: nn.Module, example_inputs: tuple, *, wrap_hf: bool = True) -> T
     buffers = {k: _strip(v, prefix) for k, v in sig.inputs_to_buffers.items()}
     module_of, type_of = _module_maps(ep.graph, prefix)
     return Traced(ep.graph, params, buffers, list(sig.user_inputs), module_of, type_of, "export")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what torch's tracers write to stderr while they try (graph dumps, symbolic-shape warnings)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _from_symbolic(gm: torch.fx.GraphModule, example_inputs: tuple) -> Traced:

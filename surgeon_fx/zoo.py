@@ -33,7 +33,8 @@ class ByteTokenizer:
         self.vocab = vocab
 
     def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        data = bytearray(text.encode("utf-8"))
+        ids = torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
         return {"input_ids": ids.clamp_max(self.vocab - 1)[None]}
 
 

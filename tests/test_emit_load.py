@@ -40,7 +40,7 @@ def compiled(request, tmp_path_factory):
 
 def test_load_reproduces_the_pruned_model(compiled):
     mf, result = compiled
-    loaded = load(result.out)
+    loaded = load(result.out, trust_source=True)
     assert not loaded.training
     inputs = mf.example_inputs(loaded)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(result.model, inputs), rtol=1e-5, atol=1e-5)
@@ -90,7 +90,7 @@ def test_loading_from_a_moved_folder_uses_the_copied_source(compiled, tmp_path):
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["source"]["path"] = str(tmp_path / "gone.py")
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    loaded = load(moved)
+    loaded = load(moved, trust_source=True)
     inputs = mf.example_inputs(loaded)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(result.model, inputs), rtol=1e-5, atol=1e-5)
 
@@ -144,12 +144,12 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
-def test_overwrite_replaces_atomically(tmp_path):
+def test_overwrite_replaces_an_earlier_output_atomically(tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
     mf = load_model_file(MODELS / "resnet_cnn.py")
-    compile_model(mf, Recipe(structure="unstructured", method="magnitude", target=0.5), out, overwrite=True,
-                  progress=False)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    recipe = Recipe(structure="unstructured", method="magnitude", target=0.5)
+    compile_model(mf, recipe, out, progress=False)
+    (out / "old.txt").write_text("old")
+    compile_model(mf, recipe.merged({"target": 0.3}), out, overwrite=True, progress=False)
+    assert not (out / "old.txt").exists() and json.loads((out / "report.json").read_text())["recipe"]["target"] == 0.3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
