@@ -411,7 +411,8 @@ def _emit(tmp: Path, model: nn.Module, manifest: dict, tokenizer, inputs: tuple,
     if mf.path is not None:
         (tmp / "source").mkdir()
         files.append(Path(shutil.copy2(mf.path, tmp / manifest["source"]["copy"])))
-    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs[0])
+    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs[0],
+                                                                    manifest["source"]["hf_config"])
     manifest.update(hf=None if reason else emit.HF_DIR, hf_note=reason)
     if reason is None:
         files.append(tmp / emit.HF_DIR)

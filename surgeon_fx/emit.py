@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from surgeon_fx import hf_export
 from surgeon_fx.evaluate import logits_of
 
 WEIGHTS = "model.safetensors"
@@ -94,19 +95,26 @@ def _config_mismatch(model: nn.Module) -> str | None:
     return None
 
 
-def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor) -> str | None:
+def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor,
+            dense_config: dict | None = None) -> str | None:
     """Write `folder` loadable with `AutoModelForCausalLM.from_pretrained`, then load it back and compare
-    logits on `inputs`.  Returns None when written and verified, else the reason (and `folder` is removed)."""
+    logits on `inputs`.  Returns None when written and verified, else the reason (and `folder` is removed).
+    Layers of different widths: given the original `dense_config`, a per-layer folder (`hf_export`)."""
     from transformers import AutoModelForCausalLM
 
     reason = _config_mismatch(model)
-    if reason is None:
-        model.save_pretrained(folder)
+    remote = reason is not None and dense_config is not None and hf_export.supports(model)
+    if reason is None or remote:
+        reason = None
+        if remote:
+            hf_export.save_per_layer(model, folder, dense_config)
+        else:
+            model.save_pretrained(folder)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(folder)
         try:
-            device = next(model.parameters()).device
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device)
+            device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=remote).to(device)
             with torch.no_grad():
                 diff = (logits_of(loaded.eval(), inputs) - logits_of(model, inputs)).abs().max().item()
             if diff > 1e-4:
