@@ -92,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"calibration windows (default: {d.calib_windows}; the paper uses 128)")
     data.add_argument("--calib-length", type=int, metavar="L",
                       help=f"tokens per calibration window (default: {d.calib_length}; the paper uses 2048)")
-    data.add_argument("--calib-file", metavar="TEXT", help="calibration text file, tokenized with the model file's "
+    data.add_argument("--calib-file", metavar="TEXT", help="calibration text: a file, a folder or a quoted glob "
+                                                           "('src/**/*.py'), tokenized with the model file's "
                                                            "tokenizer() (default: the model file's calibration())")
     data.add_argument("--eval-windows", type=int, metavar="K",
                       help="evaluate perplexity on the first K evaluation windows (default: all)")
-    data.add_argument("--eval-file", metavar="TEXT", help="evaluation text file (default: the model file's "
-                                                          "evaluation())")
+    data.add_argument("--eval-file", metavar="TEXT", help="evaluation text: a file, a folder or a quoted glob "
+                                                          "(default: the model file's evaluation())")
     data.add_argument("--eval-length", type=int, metavar="L",
                       help=f"tokens per window of --eval-file (default: {d.eval_length})")
     data.add_argument("--batch-size", type=int, metavar="B", help=f"windows per forward pass (default: {d.batch_size})")
