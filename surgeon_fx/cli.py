@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N (default: {d.device})")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint of an interrupted run (kept in <out>.work/ beside the output)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress on stderr (default: bars on a terminal; otherwise one line per finished stage, "
+                          "curvature pass and shot, with the seconds since the start)")
     run.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
     return p
 
@@ -138,7 +141,8 @@ def summary(result: CompileResult) -> str:
     lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r})")
     hf_note = next((line for line in r["output"] if line.endswith("/hf")), None)
     if hf_note:
-        lines.append(f"  hf/         AutoModelForCausalLM.from_pretrained({hf_note!r})")
+        remote = ", trust_remote_code=True" if (Path(hf_note) / "modeling_surgeon.py").exists() else ""
+        lines.append(f"  hf/         AutoModelForCausalLM.from_pretrained({hf_note!r}{remote})")
     lines.append(f"  report      {out / 'report.md'}")
     lines.append(f"  time        {sum(s['seconds'] for s in r['stages']):.1f} s ("
                  + ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in r["stages"]) + ")")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe.merged({k: getattr(args, k) for k in OPTION_FIELDS})
         mf = load_model_file(args.model) if args.model else from_hf_folder(args.hf)
         out = Path(args.out) if args.out else default_out(mf.name, recipe)
-        result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite)
+        result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite,
+                               progress=False if args.quiet else None)
     except USER_ERRORS as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2

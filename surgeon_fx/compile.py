@@ -40,6 +40,7 @@ from surgeon_fx.graph import DependencyGraph, build_graph
 from surgeon_fx.groups import Group, Unit
 from surgeon_fx.loader import load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows
+from surgeon_fx.progress import Progress
 from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
 from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_causal_lm
@@ -82,11 +83,11 @@ def peak_rss_mb() -> float:
 
 
 class Stages:
-    """Times the pipeline's stages, records their peak memory and shows one progress bar over them."""
+    """Times the pipeline's stages, records their peak memory and shows them (one bar, or a line per stage)."""
 
-    def __init__(self, device: torch.device, total: int, progress: bool):
-        self.device, self.logs = device, []
-        self.bar = tqdm(total=total, desc="surgeon-compile", unit="stage", disable=not progress, leave=False)
+    def __init__(self, device: torch.device, total: int, progress: Progress):
+        self.device, self.logs, self.progress = device, [], progress
+        self.bar = tqdm(total=total, desc="surgeon-compile", unit="stage", disable=not progress.bars, leave=False)
 
     @contextmanager
     def __call__(self, name: str):
@@ -99,6 +100,7 @@ class Stages:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
         self.logs.append(StageLog(name, time.perf_counter() - start, peak_rss_mb(), peak))
         self.bar.update(1)
+        self.progress.line(f"{name}: {self.logs[-1].seconds:.1f} s")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -298,14 +300,18 @@ def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: An
 
 # -- the driver ---------------------------------------------------------------------------------------------
 def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  progress: bool | None = None) -> CompileResult:
-    """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring)."""
+                  progress: bool | str | Progress | None = None) -> CompileResult:
+    """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring).
+
+    progress: None shows bars on a terminal and lines otherwise, True bars, False nothing, or a mode of
+    `surgeon_fx.progress` ("bars", "lines", "off")."""
     recipe.check()
     method = resolve(recipe)
     out = Path(out).absolute()
     emit.check_target(out, overwrite)
     device = resolve_device(recipe.device)
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = Progress.of(progress)
+    restore_bars = progress.silence_libraries()
     structured = recipe.structure.structured
     stages = Stages(device, 9 if structured else 8, progress)
     try:
@@ -325,18 +331,19 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
             calib = calibration_data(mf, recipe, method)
             data = evaluation_data(mf, recipe, model)
         with stages("evaluate dense"):
-            before = evaluate(model, mf, data, recipe, device, progress)
+            before = evaluate(model, mf, data, recipe, device, progress.bars)
         with stages("prune"):
             work = work_dir(out)
             if work.exists() and not resume:
                 shutil.rmtree(work)
             outcome = run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=mf.loss,
-                                  checkpoint_dir=work / "checkpoint", progress=progress))
+                                  checkpoint_dir=work / "checkpoint", progress=progress.bars,
+                                  lines=progress.line))
             masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
         with stages("rewrite"):
             plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
         with stages("evaluate pruned"):
-            after = evaluate(model, mf, data, recipe, device, progress)
+            after = evaluate(model, mf, data, recipe, device, progress.bars)
         tokenizer = _tokenizer_for_hf(mf) if hf else None
         with emit.atomic_dir(out, overwrite) as tmp:
             with stages("emit + verify"):
@@ -352,6 +359,7 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                                                                                                       masks)})
     finally:
         stages.bar.close()
+        restore_bars()
     shutil.rmtree(work_dir(out), ignore_errors=True)
     return CompileResult(out, model, data_report, plan, {} if structured else masks)
 

@@ -12,6 +12,8 @@ Adding a method is one entry in `METHODS`:
 """
 from __future__ import annotations
 
+import itertools
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -32,8 +34,9 @@ from surgeon_fx.recipe import Recipe, RecipeError
 @dataclass(frozen=True)
 class RunContext:
     """How a method runs, beyond the recipe.  loss: the model file's `loss(model, batch)` (non-LM models);
-    checkpoint_dir: where the multi-shot driver checkpoints (None: none); progress(done: int, total: int) is
-    called after each shot; collect_curvature(model, windows) replaces the default KFAC collection."""
+    checkpoint_dir: where the multi-shot driver checkpoints (None: none); progress: tqdm bars; on_shot(done: int,
+    total: int) is called after each shot; collect_curvature(model, windows) replaces the default KFAC collection;
+    lines(text) is told of every finished curvature pass and shot (`surgeon_fx.progress.Progress.line`)."""
 
     device: Any = "cpu"
     loss: Callable | None = None
@@ -41,6 +44,7 @@ class RunContext:
     progress: bool = False
     on_shot: Callable[[int, int], None] | None = None
     collect_curvature: Callable | None = None
+    lines: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -87,8 +91,21 @@ def _multishot(curvature: str, model: nn.Module, recipe: Recipe, groups: list[Gr
         collect_kfac, layers=pruned_layers(model, groups_or_none), fisher=recipe.fisher,
         fisher_approx=recipe.fisher_approx, batch_size=recipe.batch_size, device=ctx.device, loss_fn=ctx.loss,
         progress=ctx.progress, seed=recipe.seed)
-    on_log = None if ctx.on_shot is None else (lambda log: ctx.on_shot(log.shot, recipe.shots))
-    result = prune(model, calib, groups_or_none, surgeon_config(recipe, curvature), collect_curvature=collect,
+    tell = ctx.lines or (lambda text: None)
+    passes = itertools.count(1)
+
+    def collect_and_tell(model: nn.Module, windows: Any) -> dict:
+        start = time.perf_counter()
+        factors = collect(model, windows)
+        tell(f"curvature pass {next(passes)}: {len(windows)} windows, {time.perf_counter() - start:.1f} s")
+        return factors
+
+    def on_log(log) -> None:
+        tell(f"shot {log.shot}/{recipe.shots}: kept {log.achieved:.3f} (target {log.target:.3f}), {log.seconds:.1f} s")
+        if ctx.on_shot is not None:
+            ctx.on_shot(log.shot, recipe.shots)
+
+    result = prune(model, calib, groups_or_none, surgeon_config(recipe, curvature), collect_curvature=collect_and_tell,
                    checkpoint_dir=ctx.checkpoint_dir, progress=on_log)
     return Outcome(result.masks, result.removed, [asdict(log) for log in result.logs])
 

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"groups", "spaces", "rules", "trace", "graph", "data", "evaluate", "layers", "structure"}
-PIPELINE = {"compile", "emit", "loader", "report", "recipe", "methods", "modelfile", "hf", "zoo", "speed", "hf_export",
+PIPELINE = {"compile", "emit", "loader", "report", "recipe", "methods", "modelfile", "hf", "zoo", "speed", "hf_export", "progress",
             "modeling_surgeon"}
 CLI = {"cli"}
 RANK = {"core": 0, "passes": 1, "pipeline": 2, "cli": 3}
