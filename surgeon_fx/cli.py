@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from surgeon_fx.cache import ResultCache, default_folder
 from surgeon_fx.compile import USER_ERRORS, CompileError, CompileResult, compile_model
 from surgeon_fx.modelfile import from_hf_folder, load_model_file
 from surgeon_fx.methods import METHODS
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N (default: {d.device})")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint of an interrupted run (kept in <out>.work/ beside the output)")
+    run.add_argument("--cache", metavar="DIR", help="where results that repeat between runs are kept: the dense "
+                                                    "model's evaluation, keyed by the digests of its weights and "
+                                                    "data (default: $SURGEON_CACHE or ~/.cache/surgeon-fx)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     run.add_argument("--quiet", action="store_true",
                      help="no progress on stderr (default: bars on a terminal; otherwise one line per finished stage, "
                           "curvature pass and shot, with the seconds since the start)")
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         mf = load_model_file(args.model) if args.model else from_hf_folder(args.hf)
         out = Path(args.out) if args.out else default_out(mf.name, recipe)
         result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite,
-                               progress=False if args.quiet else None)
+                               progress=False if args.quiet else None,
+                               cache=None if args.no_cache else ResultCache(args.cache or default_folder()))
     except USER_ERRORS as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
 from surgeon_fx.passes.round_units import with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import emit, report
+from surgeon_fx.cache import ResultCache, model_digest, tensor_digest
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import logits_of, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
@@ -278,6 +279,24 @@ def evaluate(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device,
     return {"metric": "loss per example", "value": total / count, "windows": len(data), "length": None}
 
 
+def dense_evaluation(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device, progress: Progress,
+                     cache: ResultCache | None) -> dict | None:
+    """`evaluate` of the dense model, kept in `cache` under the digests of the model's weights, the evaluation
+    windows and the settings (batch size, device type), so a rerun on the same model and data skips it.
+    Only token windows (a tensor) are cached; other models' batches are evaluated every time."""
+    if cache is None or not isinstance(data, Tensor):
+        return evaluate(model, mf, data, recipe, device, progress.bars)
+    key = tensor_digest([("model", model_digest(model)), ("windows", data), ("batch_size", recipe.batch_size),
+                         ("device", device.type)])
+    found = cache.get("dense-eval", key)
+    if found is not None:
+        progress.line(f"evaluate dense: from the cache ({cache.path('dense-eval', key)})")
+        return found
+    result = evaluate(model, mf, data, recipe, device, progress.bars)
+    cache.put("dense-eval", key, result)
+    return result
+
+
 # -- pruning ------------------------------------------------------------------------------------------------
 def work_dir(out: Path) -> Path:
     """Where checkpoints of an unfinished run live: ``<out>.work`` beside the output folder."""
@@ -300,11 +319,12 @@ def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: An
 
 # -- the driver ---------------------------------------------------------------------------------------------
 def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  progress: bool | str | Progress | None = None) -> CompileResult:
+                  progress: bool | str | Progress | None = None, cache: ResultCache | None = None) -> CompileResult:
     """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring).
 
     progress: None shows bars on a terminal and lines otherwise, True bars, False nothing, or a mode of
-    `surgeon_fx.progress` ("bars", "lines", "off")."""
+    `surgeon_fx.progress` ("bars", "lines", "off"); cache: where the dense evaluation is kept between runs
+    (None: not cached)."""
     recipe.check()
     method = resolve(recipe)
     out = Path(out).absolute()
@@ -331,7 +351,7 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
             calib = calibration_data(mf, recipe, method)
             data = evaluation_data(mf, recipe, model)
         with stages("evaluate dense"):
-            before = evaluate(model, mf, data, recipe, device, progress.bars)
+            before = dense_evaluation(model, mf, data, recipe, device, progress, cache)
         with stages("prune"):
             work = work_dir(out)
             if work.exists() and not resume:
