@@ -33,6 +33,7 @@ from surgeon_fx.data import calibration_windows, eval_windows, read_text, text_f
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
+from surgeon_fx.methods import RunContext  # noqa: E402
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.progress import Progress  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
@@ -96,8 +97,8 @@ def run_missing(args) -> None:
         graph = graph or build_graph(model, (calib[:1, :64],))
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
-        _, removed, shots = run_pruning(pruned, recipe, prunable_groups(graph, 1), calib, lines=progress.line)
-        shrink(pruned, graph, {g: u for g, u in removed.items() if u})
+        outcome = run_pruning(pruned, recipe, prunable_groups(graph, 1), calib, RunContext(lines=progress.line))
+        shrink(pruned, graph, {g: u for g, u in outcome.removed.items() if u})
         prune_s = time.perf_counter() - start
         start = time.perf_counter()
         ppl = {k: perplexity(pruned, w).ppl for k, w in evals.items()}
@@ -105,10 +106,10 @@ def run_missing(args) -> None:
         n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
         record = {"calibration": calib_name, "calibration_source": source_note(CALIBRATION[calib_name]),
                   "calibration_tokens": int(ids.numel()), "calibration_windows": list(calib.shape),
-                  "recipe": {"structure": recipe.structure, "target": recipe.target, "method": recipe.method,
+                  "recipe": {"structure": str(recipe.structure), "target": recipe.target, "method": recipe.method,
                              "shots": recipe.shots, "update": recipe.update},
                   "ppl": ppl, "params_before": n0, "params_after": n1, "prune_s": prune_s,
-                  "eval_s": time.perf_counter() - start, "shots": shots, **setup, "environment": environment()}
+                  "eval_s": time.perf_counter() - start, "shots": outcome.shots, **setup, "environment": environment()}
         (RUNS / f"{calib_name}.json").write_text(json.dumps(record, indent=1))
         del pruned
 

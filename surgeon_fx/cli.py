@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_argument_group("how to prune")
     how.add_argument("--method", choices=list(METHODS),
                      help=f"surgeon: The LLM Surgeon (KFAC curvature, correlated updates); magnitude, l-obd, k-obd: "
-                          f"the paper's baselines; sparsegpt, wanda: one-shot unstructured/N:M (default: {d.method})")
+                          f"the paper's baselines; sparsegpt, wanda: one-shot unstructured/N:M; slicegpt: structured, "
+                          f"the residual stream rotated (PCA) and sliced to round(target x width) channels, "
+                          f"RMSNorm models (default: {d.method})")
     how.add_argument("--shots", type=int, metavar="N", help=f"pruning shots, the target reached linearly "
                                                             f"(default: {d.shots}; the paper uses 40 structured)")
     how.add_argument("--fisher", choices=("empirical", "sampled"),

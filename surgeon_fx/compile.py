@@ -358,16 +358,19 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                 shutil.rmtree(work)
             outcome = run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=mf.loss,
                                   checkpoint_dir=work / "checkpoint", progress=progress.bars,
-                                  lines=progress.line))
+                                  lines=progress.line, graph=graph))
             masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
         with stages("rewrite"):
-            plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
+            if outcome.plan is not None:  # the method rewrote the model itself (SliceGPT)
+                plan, checks = outcome.plan, {}
+            else:
+                plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
         with stages("evaluate pruned"):
             after = evaluate(model, mf, data, recipe, device, progress.bars)
         tokenizer = _tokenizer_for_hf(mf) if hf else None
         with emit.atomic_dir(out, overwrite) as tmp:
             with stages("emit + verify"):
-                manifest = _manifest(mf, source, recipe, plan, masks, model)
+                manifest = {**_manifest(mf, source, recipe, plan, masks, model), "tails": outcome.tails}
                 files = _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)
                 checks["reload_max_abs"] = max_diff(outputs(load(tmp, device), inputs), outputs(model, inputs))
                 if checks["reload_max_abs"] > RELOAD_TOLERANCE:

@@ -88,6 +88,9 @@ def _config_mismatch(model: nn.Module) -> str | None:
     except Exception as err:  # noqa: BLE001 - the config class rejects the pruned sizes
         return f"{type(model.config).__name__} cannot describe the pruned model: {type(err).__name__}: {err}"
     want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    extra = sorted(set(model.state_dict()) - set(want))
+    if extra:
+        return f"the model has tensors its config does not describe (e.g. {extra[0]})"
     for name, t in model.state_dict().items():
         if name in want and want[name] != tuple(t.shape):
             return (f"layer widths differ between layers: {name} is {list(t.shape)}, but the config "
@@ -103,7 +106,7 @@ def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: torch.Tensor,
     from transformers import AutoModelForCausalLM
 
     reason = _config_mismatch(model)
-    remote = reason is not None and dense_config is not None and hf_export.supports(model)
+    remote = reason is not None and dense_config is not None and hf_export.supports(model, dense_config)
     if reason is None or remote:
         reason = None
         if remote:

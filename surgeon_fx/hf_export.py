@@ -20,9 +20,13 @@ MODELING_FILE = "modeling_surgeon.py"
 FAMILY_LINE = "from transformers import LlamaConfig as BaseConfig, LlamaForCausalLM as BaseForCausalLM  # family"
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether `model` is a Hugging Face causal LM of a family the modeling file can reshape."""
-    return getattr(getattr(model, "config", None), "model_type", None) in modeling_surgeon.LAYOUTS
+def supports(model: nn.Module, dense_config: dict) -> bool:
+    """Whether `model` is a Hugging Face causal LM of a family the modeling file can reshape, with the residual
+    width of `dense_config` (the modeling file changes heads and MLP widths, not the residual stream)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in modeling_surgeon.LAYOUTS:
+        return False
+    hidden = next((dense_config[k] for k in ("hidden_size", "n_embd", "d_model") if k in dense_config), None)
+    return model.get_input_embeddings().weight.shape[1] == hidden
 
 
 def modeling_source(config_class: str, model_class: str) -> str:

@@ -9,22 +9,26 @@ Adding a method is one entry in `METHODS`:
 | surgeon             | structured, unstructured, N:M | multi-shot driver, KFAC curvature (`passes.surgeon`)     |
 | magnitude, l-obd, k-obd | the same               | the same driver with the baselines' curvatures (no data for magnitude) |
 | sparsegpt, wanda    | unstructured, N:M          | one pass over the blocks of a causal LM (`passes.sequential`) |
+| slicegpt            | structured                 | rotate the residual stream onto its principal directions and keep round(target × d) of them (`passes.slicegpt`); rewrites the model itself |
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from surgeon_fx.graph import DependencyGraph
 from surgeon_fx.groups import Group
 from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
+from surgeon_fx.passes.rewrite import ShrinkPlan
 from surgeon_fx.passes.sequential import find_blocks
+from surgeon_fx.passes.slicegpt import SliceError, residual_group, slice_residual
 from surgeon_fx.passes.sparsegpt import sparsegpt
 from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers
 from surgeon_fx.passes.wanda import wanda
@@ -45,16 +49,20 @@ class RunContext:
     on_shot: Callable[[int, int], None] | None = None
     collect_curvature: Callable | None = None
     lines: Callable[[str], None] | None = None
+    graph: DependencyGraph | None = None
 
 
 @dataclass
 class Outcome:
     """masks: param → keep-mask (storage shape); removed: group → removed unit indices (structured);
-    shots: one log dict per shot (multi-shot methods)."""
+    shots: one log dict per shot (multi-shot methods); plan: set by a method that rewrote the model itself
+    (SliceGPT); tails: norm sites it followed by a linear map (`passes.slicegpt.add_tail`)."""
 
     masks: dict[str, Tensor]
     removed: dict[str, list[int]]
     shots: list[dict]
+    plan: ShrinkPlan | None = None
+    tails: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,22 @@ def _sequential(fn: Callable, model: nn.Module, recipe: Recipe, groups: list[Gro
     return Outcome(masks, {}, [])
 
 
+# -- the residual stream rotated and sliced (SliceGPT) ---------------------------------------------------------
+def _slice(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, ctx: RunContext) -> Outcome:
+    """Keep round(target × d) of the d residual directions; the model is rewritten here (Outcome.plan)."""
+    if ctx.graph is None:
+        raise MethodError("slicegpt needs the model's dependency graph")
+    try:
+        d = residual_group(ctx.graph).size
+        width = max(1, round(recipe.target * d))
+        result = slice_residual(model, ctx.graph, calib, width, batch_size=recipe.batch_size)
+    except SliceError as err:
+        raise MethodError(f"slicegpt: {err}") from None
+    if ctx.lines is not None:
+        ctx.lines(f"slicegpt: residual width {d} -> {width}")
+    return Outcome({}, {}, [], result.plan or ShrinkPlan(), result.tails)
+
+
 _ALL = frozenset({"structured", "unstructured", "nm"})
 _SPARSE = frozenset({"unstructured", "nm"})
 
@@ -156,6 +180,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("k-obd", **_driver("diag_ga")),
     Method("sparsegpt", **_one_pass(sparsegpt)),
     Method("wanda", **_one_pass(wanda)),
+    Method("slicegpt", kinds=frozenset({"structured"}), run=_slice, layers=_curved_layers, needs_lm=True),
 )}
 
 

@@ -8,6 +8,7 @@ from surgeon_fx.cli import main
 from surgeon_fx.compile import calibration_data, evaluation_data
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, text_files, tokenize
 from surgeon_fx.hf import tiny_llama
+from surgeon_fx.methods import resolve
 from surgeon_fx.modelfile import load_model_file
 from surgeon_fx.recipe import Recipe
 from surgeon_fx.zoo import ByteTokenizer
@@ -61,7 +62,7 @@ def test_compile_reads_calibration_and_evaluation_from_globs(corpus):
     recipe = Recipe(calib_file=f"{root}/**/*.py", calib_windows=3, calib_length=16, eval_file=str(root / "sub"),
                     eval_length=32, eval_windows=2)
     ids = tokenize(ByteTokenizer(128), "\n\n".join(texts[n] for n in ("a.py", "b.py", "sub/c.py")))
-    assert torch.equal(calibration_data(mf, recipe), calibration_windows(ids, 3, 16, 0))
+    assert torch.equal(calibration_data(mf, recipe, resolve(recipe)), calibration_windows(ids, 3, 16, 0))
     assert torch.equal(evaluation_data(mf, recipe, tiny_llama()),
                        eval_windows(tokenize(ByteTokenizer(128), texts["sub/c.py"]), 32, limit=2))
 

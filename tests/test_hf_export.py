@@ -10,8 +10,9 @@ import torch
 
 from surgeon_fx import emit, hf_export
 from surgeon_fx.graph import build_graph
-from surgeon_fx.hf import tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
+from surgeon_fx.hf import tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 from surgeon_fx.passes.rewrite import shrink
+from tests.archs import tiny_gemma
 
 FAMILIES = {"llama": tiny_llama, "llama-mha": lambda: tiny_llama(gqa=False), "qwen2": tiny_qwen2, "opt": tiny_opt,
             "gpt2": tiny_gpt2, "gemma": tiny_gemma}
