@@ -9,7 +9,7 @@ Adding a method is one entry in `METHODS`:
 | surgeon             | structured, unstructured, N:M | multi-shot driver, KFAC curvature (`passes.surgeon`)     |
 | magnitude, l-obd, k-obd | the same               | the same driver with the baselines' curvatures (no data for magnitude) |
 | sparsegpt, wanda    | unstructured, N:M          | one pass over the blocks of a causal LM (`passes.sequential`) |
-| slicegpt            | structured                 | rotate the residual stream onto its principal directions and keep round(target × d) of them (`passes.slicegpt`); rewrites the model itself |
+| slicegpt            | structured                 | residual stream rotated (PCA), round(target × d) kept (`passes.slicegpt`) |
 """
 from __future__ import annotations
 
