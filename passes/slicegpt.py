@@ -22,12 +22,12 @@ it is followed by a (width, width) linear map Qᵀ diag(s) Q instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from surgeon_fx.passes.rewrite import shrink
+from surgeon_fx.passes.rewrite import ShrinkPlan, shrink
 from surgeon_fx.evaluate import logits_of
 from surgeon_fx.graph import DependencyGraph
 from surgeon_fx.groups import Group
@@ -40,12 +40,26 @@ class SliceError(ValueError):
 @dataclass
 class SliceResult:
     """width: kept residual channels of `d`; kept_energy: per norm site, the fraction ρ of its Σ kept;
-    eigenvalues: Σ's spectrum (descending)."""
+    eigenvalues: Σ's spectrum (descending); plan: the rewrite's ShrinkPlan (None when width = d); tails: the norm
+    sites now followed by a (width, width) linear map (`add_tail`), in the order they were added."""
 
     width: int
     d: int
     kept_energy: dict[str, float]
     eigenvalues: Tensor
+    plan: ShrinkPlan | None = None
+    tails: list[str] = field(default_factory=list)
+
+
+def add_tail(model: nn.Module, site: str) -> nn.Linear:
+    """Replace the norm at `site` by nn.Sequential(norm, Linear(w, w, bias=False)), w its width; returns the
+    linear map (weights uninitialised: set them, or load them with the model's state dict)."""
+    norm = model.get_submodule(site)
+    width = norm.weight.shape[0]
+    tail = nn.Linear(width, width, bias=False).to(device=norm.weight.device, dtype=norm.weight.dtype)
+    parent, _, child = site.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Sequential(norm, tail))
+    return tail
 
 
 def residual_group(graph: DependencyGraph) -> Group:
@@ -199,16 +213,12 @@ def slice_residual(model: nn.Module, graph: DependencyGraph, windows: Tensor, wi
         _set_scale(norm, torch.ones(d, dtype=torch.float64))
     _rotate(model, dims, Q)
     kept = {s: float(torch.trace(Q[:, :width].T @ cov[s] @ Q[:, :width]) / torch.trace(cov[s])) for s in sites}
-    if width < d:
-        shrink(model, graph, {group.name: list(range(width, d))})
+    plan = shrink(model, graph, {group.name: list(range(width, d))}) if width < d else None
     modules = dict(model.named_modules())
     for site in sites:
         _set_scale(modules[site], torch.full((width,), (d * kept[site] / width) ** 0.5, dtype=torch.float64))
     for site, M in tails.items():
-        norm = modules[site]
-        tail = nn.Linear(width, width, bias=False).to(device=norm.weight.device, dtype=norm.weight.dtype)
+        tail = add_tail(model, site)
         with torch.no_grad():
             tail.weight.copy_(M[:width, :width].T.to(tail.weight.dtype))
-        parent, _, child = site.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Sequential(norm, tail))
-    return SliceResult(width, d, kept, evals)
+    return SliceResult(width, d, kept, evals, plan, list(tails))

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--method", choices=list(METHODS),
                      help=f"surgeon: The LLM Surgeon (KFAC curvature, correlated updates); magnitude, l-obd, k-obd: "
                           f"the paper's baselines; sparsegpt, wanda: one-shot unstructured/N:M; flap, wanda-sp: "
-                          f"one-shot structured peers (default: {d.method})")
+                          f"one-shot structured peers; slicegpt: structured, the residual stream rotated (PCA) and "
+                          f"sliced to round(target x width) channels, RMSNorm models (default: {d.method})")
     how.add_argument("--shots", type=int, metavar="N", help=f"pruning shots, the target reached linearly "
                                                             f"(default: {d.shots}; the paper uses 40 structured)")
     how.add_argument("--fisher", choices=("empirical", "sampled"),
@@ -95,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"calibration windows (default: {d.calib_windows}; the paper uses 128)")
     data.add_argument("--calib-length", type=int, metavar="L",
                       help=f"tokens per calibration window (default: {d.calib_length}; the paper uses 2048)")
-    data.add_argument("--calib-file", metavar="TEXT", help="calibration text file, tokenized with the model file's "
+    data.add_argument("--calib-file", metavar="TEXT", help="calibration text: a file, a folder or a quoted glob "
+                                                           "('src/**/*.py'), tokenized with the model file's "
                                                            "tokenizer() (default: the model file's calibration())")
     data.add_argument("--eval-windows", type=int, metavar="K",
                       help="evaluate perplexity on the first K evaluation windows (default: all)")
-    data.add_argument("--eval-file", metavar="TEXT", help="evaluation text file (default: the model file's "
-                                                          "evaluation())")
+    data.add_argument("--eval-file", metavar="TEXT", help="evaluation text: a file, a folder or a quoted glob "
+                                                          "(default: the model file's evaluation())")
     data.add_argument("--eval-length", type=int, metavar="L",
                       help=f"tokens per window of --eval-file (default: {d.eval_length})")
     data.add_argument("--batch-size", type=int, metavar="B", help=f"windows per forward pass (default: {d.batch_size})")
@@ -109,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N (default: {d.device})")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint of an interrupted run (kept in <out>.work/ beside the output)")
+    run.add_argument("--cache", metavar="DIR", help="where results that repeat between runs are kept: the dense "
+                                                    "model's evaluation, keyed by the digests of its weights and "
+                                                    "data (default: $SURGEON_CACHE or ~/.cache/surgeon-fx)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress on stderr (default: bars on a terminal; otherwise one line per finished stage, "
+                          "curvature pass and shot, with the seconds since the start)")
     run.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
     return p
 
@@ -138,15 +147,16 @@ def summary(result) -> str:
     if ev:
         where = (f"{ev['windows']} windows x {ev['length']} tokens" if ev["length"] else f"{ev['windows']} batches")
         lines.append(f"  {ev['metric']:<11} {ev['before']:.4g} -> {ev['after']:.4g} ({where})")
-    from surgeon_fx.trace import is_hf_causal_lm
+    from surgeon_fx.trace import is_hf_model
 
-    trust = "" if is_hf_causal_lm(result.model) else ", trust_source=True"  # loading runs the model file
+    trust = "" if is_hf_model(result.model) else ", trust_source=True"  # loading runs the model file
     lines.append(f"  weights     {out / 'model.safetensors'}   load: surgeon_fx.load({str(out)!r}{trust})")
     hf_note = next((line for line in r["output"] if line.endswith("/hf")), None)
     if hf_note:
         cls = r["source"].get("hf_class") or "AutoModelForCausalLM"
+        remote = ", trust_remote_code=True" if (Path(hf_note) / "modeling_surgeon.py").exists() else ""
         lines.append(f"  hf/         {'AutoModelForCausalLM' if cls.endswith('ForCausalLM') else cls}"
-                     f".from_pretrained({hf_note!r})")
+                     f".from_pretrained({hf_note!r}{remote})")
     lines.append(f"  report      {out / 'report.md'}")
     lines.append(f"  time        {sum(s['seconds'] for s in r['stages']):.1f} s ("
                  + ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in r["stages"]) + ")")
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from surgeon_fx.cache import ResultCache, default_folder
     from surgeon_fx.compile import USER_ERRORS, CompileError, compile_model
     from surgeon_fx.modelfile import from_hf_folder, load_model_file
     from surgeon_fx.recipe import Recipe
@@ -194,7 +205,9 @@ def _run(argv: list[str] | None) -> int:
         recipe = recipe.merged({k: getattr(args, k) for k in OPTION_FIELDS})
         mf = load_model_file(args.model) if args.model else from_hf_folder(args.hf)
         out = Path(args.out) if args.out else default_out(mf.name, recipe)
-        result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite)
+        result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite,
+                               progress=False if args.quiet else None,
+                               cache=None if args.no_cache else ResultCache(args.cache or default_folder()))
     except USER_ERRORS as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2

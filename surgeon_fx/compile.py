@@ -38,6 +38,7 @@ from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
 from surgeon_fx.passes.round_units import ROUNDED_KINDS, with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import emit, report
+from surgeon_fx.cache import ResultCache, model_digest, tensor_digest
 from surgeon_fx.data import calibration_windows, digest, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import main_output as outputs, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
@@ -45,6 +46,7 @@ from surgeon_fx.groups import Group, Unit
 from surgeon_fx.hf import drop_gguf_record
 from surgeon_fx.loader import LoadError, load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows, sha256_of
+from surgeon_fx.progress import Progress
 from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
 from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_model
@@ -91,11 +93,11 @@ def peak_rss_mb() -> float:
 
 
 class Stages:
-    """Times the pipeline's stages, records their peak memory and shows one progress bar over them."""
+    """Times the pipeline's stages, records their peak memory and shows them (one bar, or a line per stage)."""
 
-    def __init__(self, device: torch.device, total: int, progress: bool):
-        self.device, self.logs = device, []
-        self.bar = tqdm(total=total, desc="surgeon-compile", unit="stage", disable=not progress, leave=False)
+    def __init__(self, device: torch.device, total: int, progress: Progress):
+        self.device, self.logs, self.progress = device, [], progress
+        self.bar = tqdm(total=total, desc="surgeon-compile", unit="stage", disable=not progress.bars, leave=False)
 
     @contextmanager
     def __call__(self, name: str):
@@ -108,6 +110,7 @@ class Stages:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
         self.logs.append(StageLog(name, time.perf_counter() - start, peak_rss_mb(), peak))
         self.bar.update(1)
+        self.progress.line(f"{name}: {self.logs[-1].seconds:.1f} s")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -339,6 +342,24 @@ def evaluate(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device,
     return {"metric": "loss per example", "value": total / count, "windows": len(data), "length": None}
 
 
+def dense_evaluation(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe, device, progress: Progress,
+                     cache: ResultCache | None) -> dict | None:
+    """`evaluate` of the dense model, kept in `cache` under the digests of the model's weights, the evaluation
+    windows and the settings (batch size, device type), so a rerun on the same model and data skips it.
+    Only token windows (a tensor) are cached; other models' batches are evaluated every time."""
+    if cache is None or not isinstance(data, Tensor):
+        return evaluate(model, mf, data, recipe, device, progress.bars)
+    key = tensor_digest([("model", model_digest(model)), ("windows", data), ("batch_size", recipe.batch_size),
+                         ("device", device.type)])
+    found = cache.get("dense-eval", key)
+    if found is not None:
+        progress.line(f"evaluate dense: from the cache ({cache.path('dense-eval', key)})")
+        return found
+    result = evaluate(model, mf, data, recipe, device, progress.bars)
+    cache.put("dense-eval", key, result)
+    return result
+
+
 # -- pruning ------------------------------------------------------------------------------------------------
 def work_dir(out: Path) -> Path:
     """Where checkpoints of an unfinished run live: ``<out>.work`` beside the output folder."""
@@ -405,14 +426,19 @@ def run_pruning(model: nn.Module, recipe: Recipe, groups: list[Group], calib: An
 
 # -- the driver ---------------------------------------------------------------------------------------------
 def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  progress: bool | None = None) -> CompileResult:
-    """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring)."""
+                  progress: bool | str | Progress | None = None, cache: ResultCache | None = None) -> CompileResult:
+    """Compile the model of `mf` with `recipe` into folder `out` (see the module docstring).
+
+    progress: None shows bars on a terminal and lines otherwise, True bars, False nothing, or a mode of
+    `surgeon_fx.progress` ("bars", "lines", "off"); cache: where the dense evaluation is kept between runs
+    (None: not cached)."""
     recipe.check()
     method = resolve(recipe)
     out = Path(out).absolute()
     emit.check_target(out, overwrite)
     device = resolve_device(recipe.device)
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = Progress.of(progress)
+    restore_bars = progress.silence_libraries()
     structured = recipe.structure.structured
     stages = Stages(device, 9 if structured else 8, progress)
     with emit.output_lock(out, overwrite):
@@ -438,22 +464,25 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                 data = evaluation_data(mf, recipe, model)
                 check_data(mf, model, calib, data, device)
             with stages("evaluate dense"):
-                before = evaluate(model, mf, data, recipe, device, progress)
+                before = dense_evaluation(model, mf, data, recipe, device, progress, cache)
             with stages("prune"):
-                outcome = _prune(mf, recipe, method, model, groups, calib, out, resume, device, progress)
+                outcome = _prune(mf, recipe, method, model, groups, calib, out, resume, device, progress, graph)
                 masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
                 check_finite(model, "the pruned model")
             with stages("rewrite"):
-                plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
+                if outcome.plan is not None:  # the method rewrote the model itself (SliceGPT)
+                    plan, checks = outcome.plan, {}
+                else:
+                    plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
             with stages("evaluate pruned"):
-                after = evaluate(model, mf, data, recipe, device, progress)
+                after = evaluate(model, mf, data, recipe, device, progress.bars)
             tokenizer = _tokenizer_for_hf(mf) if hf else None
             pruned = outputs(model, inputs)
             if not torch.isfinite(pruned).all():
                 raise CompileError("the pruned model's output on example_inputs() is not finite (NaN or inf)")
             with emit.atomic_dir(out, overwrite) as tmp:
                 with stages("emit + verify"):
-                    manifest = _manifest(mf, source, recipe, plan, masks, model)
+                    manifest = {**_manifest(mf, source, recipe, plan, masks, model), "tails": outcome.tails}
                     files = [f.relative_to(tmp) for f in _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)]
                     reloaded = load(tmp, device, trust_source=True)  # our own folder and the user's own file
                     checks["reload_max_abs"] = max_diff(outputs(reloaded, inputs), pruned)
@@ -466,22 +495,24 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                                                                                                  masks)})
         finally:
             stages.bar.close()
+            restore_bars()
         shutil.rmtree(work_dir(out), ignore_errors=True)
     return CompileResult(out, model, data_report, plan, {} if structured else masks)
 
 
 def _prune(mf: ModelFile, recipe: Recipe, method: Method, model: nn.Module, groups: list[Group], calib: Any,
-           out: Path, resume: bool, device: torch.device, progress: bool) -> Outcome:
+           out: Path, resume: bool, device: torch.device, progress: Progress,
+           graph: DependencyGraph | None) -> Outcome:
     """`run_pruning`; the multi-shot methods checkpoint in the work folder (`start_work`), which is removed again
     when the run fails before its first checkpoint (nothing to resume)."""
-    loss = None if mf.is_lm else mf.checked_loss
+    ctx = RunContext(device=device, loss=None if mf.is_lm else mf.checked_loss, progress=progress.bars,
+                     lines=progress.line, graph=graph)
     if not method.multishot:  # one pass: nothing to checkpoint
-        return run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=loss, progress=progress))
+        return run_pruning(model, recipe, groups, calib, ctx)
     work = work_dir(out)
     start_work(work, run_inputs(mf, recipe, model, calib), resume)
     try:
-        return run_pruning(model, recipe, groups, calib, RunContext(device=device, loss=loss, progress=progress,
-                                                                    checkpoint_dir=work / "checkpoint"))
+        return run_pruning(model, recipe, groups, calib, replace(ctx, checkpoint_dir=work / "checkpoint"))
     except BaseException:
         if not (work / "checkpoint").exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -543,7 +574,8 @@ def _emit(tmp: Path, model: nn.Module, manifest: dict, tokenizer, inputs: tuple,
     if mf.path is not None:
         (tmp / "source").mkdir()
         files.append(Path(shutil.copy2(mf.path, tmp / manifest["source"]["copy"])))
-    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs)
+    reason = "not a Hugging Face model" if not hf else emit.save_hf(model, tokenizer, tmp / emit.HF_DIR, inputs,
+                                                                    manifest["source"]["hf_config"])
     manifest.update(hf=None if reason else emit.HF_DIR, hf_note=reason)
     if reason is None:
         files.append(tmp / emit.HF_DIR)

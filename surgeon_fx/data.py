@@ -12,6 +12,7 @@ is read as-is.
 """
 
 import hashlib
+import glob
 from pathlib import Path
 
 import torch
@@ -19,15 +20,40 @@ import torch
 HF_PREFIX = "hf://"
 
 
+def text_files(source: str | Path) -> list[Path]:
+    """The files a local corpus names: a file; a folder (every file under it, recursively); or a glob pattern
+    (``*``, ``?``, ``[…]``, ``**`` for any depth).  Sorted by path; an empty folder or pattern is an error."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif any(c in str(source) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+    else:
+        raise FileNotFoundError(f"no such file or folder: {source}")
+    if not files:
+        raise FileNotFoundError(f"{source} names no files")
+    return files
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def read_text(source: str | Path) -> str:
-    """Read a corpus: a local text file path, or ``hf://<dataset>/<config>/<split>``.
+    """Read a corpus: a local text file, folder or glob pattern (`text_files`; several files are joined with
+    ``"\\n\\n"`` in path order), or ``hf://<dataset>/<config>/<split>``.
 
     The ``hf://`` form uses the ``datasets`` library (imported lazily, needs network)
     and joins the split's ``text`` column with ``"\\n\\n"`` like the paper harness.
     """
     source = str(source)
     if not source.startswith(HF_PREFIX):
-        return Path(source).read_text(encoding="utf-8")
+        return "\n\n".join(_utf8(p) for p in text_files(source))
     parts = source[len(HF_PREFIX):].split("/")
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"expected hf://<dataset>/<config>/<split>, got {source!r}")

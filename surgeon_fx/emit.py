@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from surgeon_fx import hf_export
 from surgeon_fx.evaluate import main_output
 from surgeon_fx.modelfile import sha256_of
 
@@ -190,6 +191,9 @@ def _config_mismatch(model: nn.Module) -> str | None:
     except Exception as err:  # noqa: BLE001 - the config class rejects the pruned sizes
         return f"{type(model.config).__name__} cannot describe the pruned model: {type(err).__name__}: {err}"
     want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    extra = sorted(set(model.state_dict()) - set(want))
+    if extra:
+        return f"the model has tensors its config does not describe (e.g. {extra[0]})"
     for name, t in model.state_dict().items():
         if name in want and want[name] != tuple(t.shape):
             return (f"layer widths differ between layers: {name} is {list(t.shape)}, but the config "
@@ -197,24 +201,32 @@ def _config_mismatch(model: nn.Module) -> str | None:
     return None
 
 
-def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: tuple) -> str | None:
+def save_hf(model: nn.Module, tokenizer, folder: Path, inputs: tuple, dense_config: dict | None = None) -> str | None:
     """Write `folder` loadable with the model's class `.from_pretrained` (`AutoModelForCausalLM` for a causal
-    LM), then load it back and compare outputs on `inputs` (the forward arguments).  Returns None when written
-    and verified, else the reason (and `folder` is removed): hf/ is optional, so no failure here (saving
-    included) may cost the main result."""
+    LM), then load it back and compare outputs on `inputs` (the forward arguments).  Layers of different widths:
+    given the original `dense_config`, a per-layer folder with its own modeling file (`hf_export`), loaded with
+    `trust_remote_code=True`.  Returns None when written and verified, else the reason (and `folder` is
+    removed): hf/ is optional, so no failure here (saving included) may cost the main result."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     reason = _config_mismatch(model)
+    remote = reason is not None and dense_config is not None and hf_export.supports(model, dense_config)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the pipeline shows its own stage bar
-    if reason is None:
+    if reason is None or remote:
+        reason = None
         try:
-            model.save_pretrained(folder)
+            if remote:
+                hf_export.save_per_layer(model, folder, dense_config)
+            else:
+                model.save_pretrained(folder)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(folder)
-            device = next(model.parameters()).device
-            loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device)
+            device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+            loaded = (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True) if remote
+                      else type(model).from_pretrained(folder, dtype=dtype)).to(device)
             with torch.no_grad():
                 diff = (main_output(loaded.eval(), inputs) - main_output(model, inputs)).abs().max().item()
             if not diff <= 1e-4:  # NaN included

@@ -22,6 +22,7 @@ from torch import nn
 
 from surgeon_fx.emit import FORMAT, MANIFEST, WEIGHTS
 from surgeon_fx.passes.rewrite import ShrinkPlan, apply_plan
+from surgeon_fx.passes.slicegpt import add_tail
 from surgeon_fx.modelfile import load_model_file, sha256_of
 
 
@@ -50,6 +51,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, trust_source: 
     model = rebuild_original(manifest["source"], folder, trust_source=trust_source)
     if manifest.get("plan"):
         apply_plan(model, ShrinkPlan.from_json(manifest["plan"]))
+    for site in manifest.get("tails", []):  # SliceGPT: norms followed by a linear map
+        add_tail(model, site)
     load_model(model, str(folder / WEIGHTS), strict=True)
     return model.to(device).eval()
 

@@ -10,21 +10,27 @@ Adding a method is one entry in `METHODS`:
 | magnitude, l-obd, k-obd | the same               | the same driver with the baselines' curvatures (no data for magnitude) |
 | sparsegpt, wanda    | unstructured, N:M          | one pass over the blocks of a causal LM (`passes.sequential`) |
 | flap, wanda-sp      | structured                 | unit scores from block input statistics of a causal LM (`passes.flap`, `passes.wanda_sp`) |
+| slicegpt            | structured                 | residual stream rotated (PCA), round(target × d) kept (`passes.slicegpt`) |
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from surgeon_fx.graph import DependencyGraph
 from surgeon_fx.groups import Group, param_name
 from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.flap import flap
+from surgeon_fx.passes.rewrite import ShrinkPlan
 from surgeon_fx.passes.sequential import find_blocks
+from surgeon_fx.passes.slicegpt import SliceError, residual_group, slice_residual
 from surgeon_fx.passes.sparsegpt import sparsegpt
 from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers
 from surgeon_fx.passes.wanda import wanda
@@ -35,8 +41,9 @@ from surgeon_fx.recipe import Recipe, RecipeError
 @dataclass(frozen=True)
 class RunContext:
     """How a method runs, beyond the recipe.  loss: the model file's `loss(model, batch)` (non-LM models);
-    checkpoint_dir: where the multi-shot driver checkpoints (None: none); progress(done: int, total: int) is
-    called after each shot; collect_curvature(model, windows) replaces the default KFAC collection."""
+    checkpoint_dir: where the multi-shot driver checkpoints (None: none); progress: tqdm bars; on_shot(done: int,
+    total: int) is called after each shot; collect_curvature(model, windows) replaces the default KFAC collection;
+    lines(text) is told of every finished curvature pass and shot (`surgeon_fx.progress.Progress.line`)."""
 
     device: Any = "cpu"
     loss: Callable | None = None
@@ -44,16 +51,21 @@ class RunContext:
     progress: bool = False
     on_shot: Callable[[int, int], None] | None = None
     collect_curvature: Callable | None = None
+    lines: Callable[[str], None] | None = None
+    graph: DependencyGraph | None = None
 
 
 @dataclass
 class Outcome:
     """masks: param → keep-mask (storage shape); removed: group → removed unit indices (structured);
-    shots: one log dict per shot (multi-shot methods)."""
+    shots: one log dict per shot (multi-shot methods); plan: set by a method that rewrote the model itself
+    (SliceGPT); tails: norm sites it followed by a linear map (`passes.slicegpt.add_tail`)."""
 
     masks: dict[str, Tensor]
     removed: dict[str, list[int]]
     shots: list[dict]
+    plan: ShrinkPlan | None = None
+    tails: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,8 +102,21 @@ def _multishot(curvature: str, model: nn.Module, recipe: Recipe, groups: list[Gr
         collect_kfac, layers=pruned_layers(model, groups_or_none), fisher=recipe.fisher,
         fisher_approx=recipe.fisher_approx, batch_size=recipe.batch_size, device=ctx.device, loss_fn=ctx.loss,
         progress=ctx.progress, seed=recipe.seed)
-    on_log = None if ctx.on_shot is None else (lambda log: ctx.on_shot(log.shot, recipe.shots))
-    result = prune(model, calib, groups_or_none, surgeon_config(recipe, curvature), collect_curvature=collect,
+    tell = ctx.lines or (lambda text: None)
+    passes = itertools.count(1)
+
+    def collect_and_tell(model: nn.Module, windows: Any) -> dict:
+        start = time.perf_counter()
+        factors = collect(model, windows)
+        tell(f"curvature pass {next(passes)}: {len(windows)} windows, {time.perf_counter() - start:.1f} s")
+        return factors
+
+    def on_log(log) -> None:
+        tell(f"shot {log.shot}/{recipe.shots}: kept {log.achieved:.3f} (target {log.target:.3f}), {log.seconds:.1f} s")
+        if ctx.on_shot is not None:
+            ctx.on_shot(log.shot, recipe.shots)
+
+    result = prune(model, calib, groups_or_none, surgeon_config(recipe, curvature), collect_curvature=collect_and_tell,
                    checkpoint_dir=ctx.checkpoint_dir, progress=on_log)
     return Outcome(result.masks, result.removed, [asdict(log) for log in result.logs])
 
@@ -130,6 +155,22 @@ def _structured_peer(fn: Callable, model: nn.Module, recipe: Recipe, groups: lis
     return Outcome({}, removed, [])
 
 
+# -- the residual stream rotated and sliced (SliceGPT) ---------------------------------------------------------
+def _slice(model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any, ctx: RunContext) -> Outcome:
+    """Keep round(target × d) of the d residual directions; the model is rewritten here (Outcome.plan)."""
+    if ctx.graph is None:
+        raise MethodError("slicegpt needs the model's dependency graph")
+    try:
+        d = residual_group(ctx.graph).size
+        width = max(1, round(recipe.target * d))
+        result = slice_residual(model, ctx.graph, calib, width, batch_size=recipe.batch_size)
+    except SliceError as err:
+        raise MethodError(f"slicegpt: {err}") from None
+    if ctx.lines is not None:
+        ctx.lines(f"slicegpt: residual width {d} -> {width}")
+    return Outcome({}, {}, [], result.plan or ShrinkPlan(), result.tails)
+
+
 _ALL = frozenset({"structured", "unstructured", "nm"})
 _SPARSE = frozenset({"unstructured", "nm"})
 
@@ -157,6 +198,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("wanda", **_one_pass(wanda)),
     Method("flap", **_peer(flap)),
     Method("wanda-sp", **_peer(wanda_sp)),
+    Method("slicegpt", kinds=frozenset({"structured"}), run=_slice, layers=_curved_layers, needs_lm=True),
 )}
 
 

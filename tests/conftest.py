@@ -1,9 +1,19 @@
-"""Test-session settings: the property tests' nightly seed (see tests/test_properties.py), and an installed
-torchvision imported before any test imports transformers (`tests.coverage_archs.import_torchvision` says why)."""
+"""Test-session settings: the property tests' nightly seed (see tests/test_properties.py), the result cache
+(`surgeon_fx.cache`) in a temporary folder rather than ~/.cache, and an installed torchvision imported before any
+test imports transformers (`tests.coverage_archs.import_torchvision` says why)."""
 import os
 import secrets
 
+import pytest
+
 import tests.coverage_archs  # noqa: F401
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SURGEON_CACHE", str(tmp_path_factory.mktemp("surgeon-cache")))
+        yield
 
 
 def pytest_configure(config):

@@ -73,12 +73,12 @@ def test_hf_folder_loads_with_transformers(compiled):
     if "hf_config" not in manifest["source"]:
         assert manifest["hf"] is None and manifest["hf_note"] == "not a Hugging Face model"
         return
-    if manifest["hf"] is None:  # structured with uneven widths: the reason is reported
-        assert manifest["hf_note"] and manifest["structure"] == "structured"
-        return
+    assert manifest["hf"] == "hf" and manifest["hf_note"] is None  # every HF result, uneven widths too
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(result.out / "hf").eval()
+    remote = (result.out / "hf" / "modeling_surgeon.py").exists()  # layers of different widths
+    assert remote == ("layer_widths" in json.loads((result.out / "hf" / "config.json").read_text()))
+    hf_model = AutoModelForCausalLM.from_pretrained(result.out / "hf", trust_remote_code=remote).eval()
     ids = mf.example_inputs(result.model)[0]
     torch.testing.assert_close(outputs(hf_model, (ids,)), outputs(result.model, (ids,)), rtol=1e-5, atol=1e-5)
 
