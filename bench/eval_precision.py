@@ -30,14 +30,16 @@ from surgeon_fx.hf import load_smollm2  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="also time float32 with this many windows per pass (1: skip)")
     args = ap.parse_args()
     model, tokenizer = load_smollm2()
     windows = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
                            limit=args.windows)
     rows = []
-    for name, kw in (("float32, batch 1", {}), (f"float32, batch {args.batch}", {"batch_size": args.batch}),
-                     ("bfloat16 autocast, batch 1", {"autocast": torch.bfloat16})):
+    settings = [("float32, batch 1", {}), ("bfloat16 autocast, batch 1", {"autocast": torch.bfloat16})]
+    if args.batch > 1:
+        settings.append((f"float32, batch {args.batch}", {"batch_size": args.batch}))
+    for name, kw in settings:
         start = time.perf_counter()
         ppl = perplexity(model, windows, progress=False, **kw).ppl
         rows.append({"setting": name, "ppl": ppl, "seconds": time.perf_counter() - start,

@@ -90,5 +90,6 @@ def unit_blocks(unit: Unit, modules: dict[str, nn.Module], curved: set[str]) -> 
             acc[side].setdefault(owner, []).append(idx)
         else:
             free.append(s)
-    merge = {side: {name: torch.unique(torch.cat(parts)) for name, parts in d.items()} for side, d in acc.items()}
+    merge = {side: {name: parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts))  # one slice: sorted
+                    for name, parts in d.items()} for side, d in acc.items()}
     return UnitBlocks(rows=merge["rows"], cols=merge["cols"], free=tuple(free))

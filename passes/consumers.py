@@ -9,6 +9,8 @@ driver counts it, so every structured method meets the same target.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -44,17 +46,17 @@ def prunable_count(model: nn.Module, groups: list[Group]) -> int:
     return sum(params[p].numel() for p in {p for g in groups for p in g.params() if p in params})
 
 
-@torch.no_grad()
 def kept_count(model: nn.Module, groups: list[Group], removed: dict[str, list[int] | set[int]]) -> int:
-    """Parameters of the groups that survive removing `removed` (units of different groups may overlap)."""
+    """Parameters of the groups that survive removing `removed` (units of different groups may overlap):
+    Σ over parameters of Π_d (n_d − |indices removed along d|)."""
     params = dict(model.named_parameters())
-    masks = {p: torch.ones_like(params[p], dtype=torch.bool) for g in groups for p in g.params() if p in params}
+    gone: dict[str, dict[int, set[int]]] = {p: {} for g in groups for p in g.params() if p in params}
     for g in groups:
         for u in removed.get(g.name, ()):
             for s in g.units[u].slices:
-                if s.param in masks:
-                    masks[s.param].index_fill_(s.dim, s.index.to(masks[s.param].device), False)
-    return sum(int(m.sum()) for m in masks.values())
+                if s.param in gone:
+                    gone[s.param].setdefault(s.dim, set()).update(s.index.tolist())
+    return sum(math.prod(n - len(gone[p].get(d, ())) for d, n in enumerate(params[p].shape)) for p in gone)
 
 
 @torch.no_grad()
