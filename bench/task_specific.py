@@ -17,7 +17,6 @@ Each run is saved to ``docs/results/task_specific/<calibration>.json`` when it f
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -56,8 +55,8 @@ def source_note(source: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=0.8)
-    ap.add_argument("--shots", type=int, default=2)
-    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--table", action="store_true", help="only write the table and plot from finished runs")
@@ -73,7 +72,7 @@ def run_missing(args) -> None:
     if not todo and (RUNS / "dense.json").exists():
         return
     progress = Progress("lines")
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2()  # one model in memory at a time: the box is shared
     evals = {k: eval_windows(tokenize(tokenizer, read_text(src)), 2048, limit=args.eval_windows)
              for k, src in EVALUATION.items()}
     progress.line("model and evaluation data loaded")
@@ -90,12 +89,13 @@ def run_missing(args) -> None:
     recipe = Recipe(structure="structured", target=args.target, method="surgeon", shots=args.shots,
                     calib_windows=args.calib_windows, calib_length=args.calib_length)
     recipe.check()
-    graph = None
     for calib_name in todo:
         ids = tokenize(tokenizer, read_text(CALIBRATION[calib_name]))
         calib = calibration_windows(ids, args.calib_windows, args.calib_length, seed=0)
-        graph = graph or build_graph(model, (calib[:1, :64],))
-        pruned = copy.deepcopy(model)
+        pruned = model if model is not None else load_smollm2()[0]
+        model = None
+        n0 = sum(p.numel() for p in pruned.parameters())
+        graph = build_graph(pruned, (calib[:1, :64],))
         start = time.perf_counter()
         outcome = run_pruning(pruned, recipe, prunable_groups(graph, 1), calib, RunContext(lines=progress.line))
         shrink(pruned, graph, {g: u for g, u in outcome.removed.items() if u})
@@ -103,7 +103,7 @@ def run_missing(args) -> None:
         start = time.perf_counter()
         ppl = {k: perplexity(pruned, w).ppl for k, w in evals.items()}
         progress.line(f"calibrated on {calib_name}: {ppl}")
-        n0, n1 = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
+        n1 = sum(p.numel() for p in pruned.parameters())
         record = {"calibration": calib_name, "calibration_source": source_note(CALIBRATION[calib_name]),
                   "calibration_tokens": int(ids.numel()), "calibration_windows": list(calib.shape),
                   "recipe": {"structure": str(recipe.structure), "target": recipe.target, "method": recipe.method,

@@ -33,9 +33,13 @@ Face one: loading runs its model file).  It is written to a temporary folder and
 error nothing is written, and two runs never write the same --out at once."""
 EPILOG = """\
 examples:
-  # SmolLM2-135M, 90% of the prunable parameters kept, CPU-sized calibration
-  surgeon-compile models/smollm2.py --target 0.9 --shots 2 --calib-windows 8 --calib-length 256 \\
-      --eval-windows 2 --out out/smollm2-s90
+  # SmolLM2-135M, 80% of the prunable parameters kept, CPU-sized calibration (the README's quick start)
+  surgeon-compile models/smollm2.py --target 0.8 --shots 1 --calib-windows 8 --calib-length 512 \\
+      --eval-windows 2 --out out/smollm2-s80
+
+  # calibrate on Python source (a glob), evaluate on other files, then on SliceGPT for comparison
+  surgeon-compile models/smollm2.py --calib-file 'src/**/*.py' --eval-file tests/ --out out/code-s80
+  surgeon-compile models/smollm2.py --method slicegpt --target 0.8 --out out/slice-s80
 
   # a tiny random Llama in seconds, 2:4 semi-structured with SparseGPT
   surgeon-compile models/tiny_llama.py --structure 2:4 --method sparsegpt --calib-length 128
