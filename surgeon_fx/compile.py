@@ -555,6 +555,7 @@ def _source(mf: ModelFile, model: nn.Module, hf: bool) -> dict:
     if hf:
         source.update(hf_config=model.config.to_dict(), model_class=type(model).__name__,
                       attn_implementation=model.config._attn_implementation,
+                      experts_implementation=getattr(model.config, "_experts_implementation", None),
                       dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     return source
 

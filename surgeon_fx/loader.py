@@ -69,8 +69,10 @@ def rebuild_original(source: dict, folder: Path, *, trust_source: bool = False) 
             raise ValueError(f"transformers {transformers.__version__} has no class {source['model_class']!r} "
                              f"(recorded in the manifest)")
         build = cls.from_config if cls is transformers.AutoModelForCausalLM else cls._from_config
+        experts = {"experts_implementation": source["experts_implementation"]} if source.get(
+            "experts_implementation") else {}  # MoE: the default grouped_mm needs 16-byte aligned widths
         model = build(config, attn_implementation=source.get("attn_implementation"),
-                      dtype=getattr(torch, source.get("dtype", "float32")))
+                      dtype=getattr(torch, source.get("dtype", "float32")), **experts)
         return model.eval()
     if not trust_source:
         raise LoadError(f"{folder} was compiled from the model file {source.get('name')!r}: loading it runs that "
