@@ -85,10 +85,14 @@ class PeakRSS:
         self._thread.join()
 
 
+# the code this process runs: HEAD when it started (a checkout may move on while a long matrix runs)
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip() or "unknown"
+
+
 def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "commit": commit.stdout.strip() or "unknown",
+            "torch": torch.__version__, "commit": COMMIT,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg": os.getloadavg()}
 

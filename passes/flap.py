@@ -67,10 +67,11 @@ def consumer_stats(model: nn.Module, windows: Tensor, layers: set[str], batch_si
 
 def select_global(model: nn.Module, groups: list[Group], scores: dict[str, Tensor], target: float
                   ) -> dict[str, list[int]]:
-    """Lowest scores first over all groups until at most round(target × prunable) parameters are kept.
+    """Lowest scores first over all groups until round(target × prunable) parameters are kept (± a unit).
 
     Units of different groups may share parameters (a head and the KV head it belongs to), so the kept count
-    is recounted after each round of `select_units` and the rest selected again (overshoot < one unit).
+    is recounted after each round of `select_units` (which lands as close to its count as unit sizes allow)
+    and the rest selected again.
     """
     sizes = unit_sizes(model, groups)
     goal = round(target * prunable_count(model, groups))
