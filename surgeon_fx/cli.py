@@ -34,7 +34,7 @@ error nothing is written, and two runs never write the same --out at once."""
 EPILOG = """\
 examples:
   # SmolLM2-135M, 80% of the prunable parameters kept, CPU-sized calibration (the README's quick start)
-  surgeon-compile models/smollm2.py --target 0.8 --shots 1 --calib-windows 8 --calib-length 512 \\
+  surgeon-compile models/smollm2.py --target 0.8 --shots 1 --calib-windows 4 --calib-length 256 \\
       --eval-windows 2 --out out/smollm2-s80
 
   # calibrate on Python source (a glob), evaluate on other files, then on SliceGPT for comparison
