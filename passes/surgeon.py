@@ -36,7 +36,7 @@ from surgeon_fx.passes.costs import element_costs, unit_costs
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.lora import lora_correct
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
-from surgeon_fx.passes.update import remove_rows_cols, rowwise_update
+from surgeon_fx.passes.update import remove_rows_cols, sweep_update
 from surgeon_fx.groups import Group, Unit, param_name
 from surgeon_fx.structure import Structure
 
@@ -217,7 +217,11 @@ def _curvature(module: nn.Module, factors, config: SurgeonConfig, name: str):
 
 
 def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t: int, n_remove: int):
-    """Unstructured / N:M shot: select weights, update, store masks.
+    """Unstructured / N:M shot: select weights from the KFAC costs, update the rest, store masks.
+
+    The selection (global threshold or per-block N:M on `element_costs`) does not depend on the update; the
+    update is `sweep_update` (one shared factor of A per layer; see `passes.update` for how it relates to
+    the exact per-row rule `rowwise_update`).
 
     Returns (estimated cost of the removed weights, kept fraction n_keep/m of this N:M shot or None)."""
     costs, before = {}, {}
@@ -246,7 +250,7 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         removed = torch.zeros_like(M, dtype=torch.bool)
         removed[:, : after[name].shape[1]] = after[name]
         if config.update != "none" and not is_diagonal(config.curvature):
-            M = rowwise_update(M, curv[name].A_inv, removed)
+            M = sweep_update(M, curv[name].A, removed)
         else:
             M = M.masked_fill(removed, 0.0)
         write_matrix(m, M)
