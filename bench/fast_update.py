@@ -2,7 +2,8 @@
 
     python bench/fast_update.py                   # every run not yet measured, then the table
     python bench/fast_update.py --only surgeon/unstructured sparsegpt/unstructured
-    python bench/fast_update.py --table           # rebuild docs/results/fast_update.md from finished runs
+    python bench/fast_update.py --table           # rebuild the run table from finished runs
+    python bench/fast_update.py --layer-timing    # the update rules alone on one decoder block's shapes
 
 Same data as `bench/prune_matrix.py` (calibration: `--calib-windows` × `--calib-length` tokens of wikitext-2
 valid.txt, seed 0; evaluation: the first `--eval-windows` 2048-token windows of wikitext-2-raw wiki.test.raw),
@@ -41,6 +42,8 @@ from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
 from surgeon_fx.passes import surgeon  # noqa: E402
+from surgeon_fx.passes.costs import element_costs  # noqa: E402
+from surgeon_fx.passes.sparsegpt import sparsegpt_prune_layer  # noqa: E402
 from surgeon_fx.passes.update import rowwise_update, sweep_update  # noqa: E402
 from surgeon_fx.recipe import Recipe  # noqa: E402
 
@@ -79,6 +82,36 @@ def run_one(name: str, model, calib, evals, factors: dict, curvature_s: float) -
             "machine": machine()}
 
 
+def layer_timing() -> dict:
+    """Seconds of each update rule on SmolLM2's seven layer shapes of one decoder block (out, in), 50 % removed
+    by the element costs with G = I, and of SparseGPT's layer routine on the same A (its own mask).  A is a
+    random damped Gram matrix with input scales spread over e⁰…e³: the work does not depend on the values."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+              "up": (1536, 576), "down": (576, 1536)}
+    seconds = {}
+    for name, (out, inn) in shapes.items():
+        X = torch.randn(4 * inn, inn, generator=gen, dtype=torch.float64)
+        X = X * (torch.rand(inn, generator=gen, dtype=torch.float64) * 3).exp()
+        A = X.t() @ X / X.shape[0]
+        A += 0.01 * A.diagonal().mean() * torch.eye(inn, dtype=torch.float64)
+        A_inv = torch.cholesky_inverse(torch.linalg.cholesky(A))
+        W = torch.randn(out, inn, generator=gen, dtype=torch.float64) * 0.02
+        cost = element_costs(W, torch.ones(out, dtype=torch.float64), A_inv.diagonal())
+        removed = cost <= cost.flatten().kthvalue(cost.numel() // 2).values
+        rules = {"sweep (refine 0)": lambda: sweep_update(W, A, removed, refine=0),
+                 "sweep + refine 3 (driver)": lambda: sweep_update(W, A, removed),
+                 "SparseGPT layer": lambda: sparsegpt_prune_layer(W.float(), A.float(), sparsity=0.5),
+                 "exact (rowwise_update)": lambda: rowwise_update(W, A_inv, removed)}
+        for rule, fn in rules.items():
+            start = time.perf_counter()
+            fn()
+            seconds.setdefault(rule, {})[name] = time.perf_counter() - start
+        print(name, {r: round(v[name], 2) for r, v in seconds.items()}, flush=True)
+    return {"seconds": seconds, "block_total": {r: sum(v.values()) for r, v in seconds.items()},
+            "threads": torch.get_num_threads(), "machine": machine()}
+
+
 def write_table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     rows.sort(key=lambda r: RUNS.index(r["run"]) if r["run"] in RUNS else len(RUNS))
@@ -103,8 +136,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--only", nargs="*", choices=RUNS)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--layer-timing", action="store_true")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.layer_timing:
+        (RESULTS.parent / "fast_update_layers.json").write_text(json.dumps(layer_timing(), indent=1))
+        return
     todo = [r for r in (args.only or RUNS) if not (RESULTS / f"{r.replace('/', '_').replace(':', 'of')}.json").exists()]
     if todo and not args.table:
         model, tokenizer = load_smollm2()
