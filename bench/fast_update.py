@@ -41,6 +41,7 @@ from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokeni
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
+from surgeon_fx.methods import RunContext  # noqa: E402
 from surgeon_fx.passes import surgeon  # noqa: E402
 from surgeon_fx.passes.costs import element_costs  # noqa: E402
 from surgeon_fx.passes.sparsegpt import sparsegpt_prune_layer  # noqa: E402
@@ -70,7 +71,7 @@ def run_one(name: str, model, calib, evals, factors: dict, curvature_s: float) -
     patch = mock.patch.object(surgeon, "sweep_update", rule) if rule is not None else contextlib.nullcontext()
     with patch, PeakRSS() as rss:
         start = time.perf_counter()
-        run_pruning(pruned, recipe, None, calib, collect_curvature=collect)
+        run_pruning(pruned, recipe, None, calib, RunContext(collect_curvature=collect))
         seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(pruned, evals).ppl
