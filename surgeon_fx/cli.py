@@ -171,31 +171,42 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds like Ctrl-C, so that temporary files are removed on the way out."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM arrived: unwinds like KeyboardInterrupt, so that temporary files are removed."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+class _Signals:
+    """The handler of SIGINT and SIGTERM while the command runs: remembers the signal and raises `Interrupted`.
+    Remembering matters because a library may turn the interruption into another error (torch and transformers
+    report an interrupted import as an ImportError); the command still reports the interruption."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __call__(self, signum, frame):
+        self.received = signum
+        raise Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 2 bad input, 1 internal error, 130 interrupted,
     143 terminated)."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    signals = _Signals()
+    previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun with --resume to continue from the last finished shot", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{PROG}: terminated; rerun with --resume to continue from the last finished shot", file=sys.stderr)
-        return 143
+        return _run(argv, signals)
+    except BaseException:
+        if signals.received is None:
+            raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    name = "interrupted" if signals.received == signal.SIGINT else "terminated"
+    print(f"{PROG}: {name}; rerun with --resume to continue from the last finished shot", file=sys.stderr)
+    return 128 + signals.received
 
 
-def _run(argv: list[str] | None) -> int:
+def _run(argv: list[str] | None, signals: _Signals) -> int:
     args = build_parser().parse_args(argv)
     from surgeon_fx.cache import ResultCache, default_folder
     from surgeon_fx.compile import USER_ERRORS, CompileError, compile_model
@@ -213,10 +224,12 @@ def _run(argv: list[str] | None) -> int:
                                progress=False if args.quiet else None,
                                cache=None if args.no_cache else ResultCache(args.cache or default_folder()))
     except USER_ERRORS as err:
+        if signals.received is not None:  # what the interruption became inside a library
+            raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a bug: one line unless asked for the traceback
-        if args.traceback:
+        if args.traceback or signals.received is not None:
             raise
         print(f"{PROG}: error: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --traceback)",
               file=sys.stderr)

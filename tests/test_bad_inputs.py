@@ -13,13 +13,6 @@ import pytest
 
 from surgeon_fx.cli import main
 
-PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\d s\] ")  # `surgeon_fx.progress` lines (non-terminal stderr)
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr without the progress lines a run prints before it meets the bad input."""
-    return [line for line in err.splitlines() if not PROGRESS_LINE.match(line)]
-
 MODELS = Path(__file__).resolve().parents[1] / "models"
 LLAMA = str(MODELS / "tiny_llama.py")
 QUICK = ["--calib-windows", "2", "--calib-length", "16", "--shots", "1", "--eval-windows", "1"]
@@ -155,6 +148,16 @@ CASES = {  # id: (arguments, text of the error line)
 }
 
 
+PROGRESS = re.compile(r"\[\s*\d+\.\d s\] ")  # the per-stage progress lines when stderr is not a terminal
+
+
+def only_line(err: str) -> str:
+    """The one line of stderr besides progress lines; it must be the last line."""
+    lines = [line for line in err.splitlines() if not PROGRESS.match(line)]
+    assert len(lines) == 1 and err.splitlines()[-1] == lines[0], err
+    return lines[0]
+
+
 @pytest.fixture
 def workspace(tmp_path):
     for name, source in MODEL_FILES.items():
@@ -177,10 +180,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, workspace, capsys):
         argv += ["--out", str(workspace / "run" / "o")]
     before = listing(workspace)
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    (line,) = error_lines(err)
-    assert line.startswith("surgeon-compile: error: ") and "internal error" not in line, err
-    assert expected in line, err
+    err = only_line(capsys.readouterr().err)
+    assert err.startswith("surgeon-compile: error: ") and "internal error" not in err, err
+    assert expected in err, err
     assert listing(workspace) == before
 
 
@@ -192,6 +194,5 @@ def test_read_only_output_parent(workspace, capsys):
         assert main([LLAMA, "--out", str(parent / "o")]) == 2
     finally:
         parent.chmod(0o755)
-    err = capsys.readouterr().err
-    assert len(error_lines(err)) == 1 and "cannot write the output" in err
+    assert "cannot write the output" in only_line(capsys.readouterr().err)
     assert not any(parent.iterdir())
