@@ -79,8 +79,8 @@ def _grad_rows(m: nn.Module, g: Tensor) -> Tensor:
 class _LayerStats:
     """Per-layer accumulators; `mode` is "kfac" (A and G sums), "A" or "G" (one power-iteration half-step)."""
 
-    def __init__(self, name: str, module: nn.Module, device, dtype):
-        self.name, self.module, self.device, self.dtype = name, module, device, dtype
+    def __init__(self, name: str, module: nn.Module, device, dtype, reduce: bool = False):
+        self.name, self.module, self.device, self.dtype, self.reduce = name, module, device, dtype, reduce
         self.A_sum = self.G_sum = self.acc = None
         self.tokens = self.g_rows = 0
         self.A = self.G = None
@@ -118,7 +118,10 @@ class _LayerStats:
         self.acc = part if self.acc is None else self.acc.add_(part)
 
     def finish_pass(self) -> None:
-        """Turn the sums of the pass just run into factors (classic normalisation or least-squares update)."""
+        """Turn the sums of the pass just run into factors (classic normalisation or least-squares update);
+        with `reduce`, the sums and counts of every process are added first (all-reduce)."""
+        if self.reduce:
+            self._all_reduce()
         if self.mode == "kfac":
             if self.A_sum is None or self.G_sum is None:
                 raise CurvatureError(f"layer {self.name!r} saw no {'input' if self.A_sum is None else 'gradient'}"
@@ -131,6 +134,19 @@ class _LayerStats:
         else:
             self.G = _sym(self.acc) / self.g_rows / (self.A * self.A).sum()
         self.acc, self.g_rows = None, 0
+
+    def _all_reduce(self) -> None:
+        """Sum A_sum, G_sum (or the power-iteration accumulator) and the token counts over all processes."""
+        dist = torch.distributed
+        sums = [self.A_sum, self.G_sum] if self.mode == "kfac" else [self.acc]
+        if any(t is None for t in sums):
+            raise CurvatureError(f"layer {self.name!r} saw no input or gradient on rank {dist.get_rank()}")
+        for t in sums:
+            dist.all_reduce(t)
+        tokens = self.tokens if self.mode == "kfac" else 0  # counted in the classic pass only
+        counts = torch.tensor([tokens, self.g_rows], dtype=torch.int64, device=sums[0].device)
+        dist.all_reduce(counts)
+        self.tokens, self.g_rows = (int(counts[0]) if self.mode == "kfac" else self.tokens), int(counts[1])
 
 
 GRAM_BLOCK = 256
@@ -207,7 +223,8 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
                  fisher: str = "empirical", samples: int = 1, batch_size: int = 1, device="cpu",
                  dtype: torch.dtype = torch.float32, offload: bool = False, progress: bool | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, fisher_approx: str = "kfac",
-                 power_iters: int = 2, seed: int = 0) -> dict[str, KronFactors]:
+                 power_iters: int = 2, seed: int = 0, store=None, max_factor_bytes: int | None = None,
+                 distributed: bool = True) -> dict[str, KronFactors]:
     """Kronecker factors (A, G) of the Fisher for each layer, keyed by qualified module name.
 
     windows: LongTensor [n, L] of token ids for a causal LM (model(ids) → logits or an object with .logits),
@@ -219,7 +236,14 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     fisher_approx: "kfac" (classic, independence of a and g) or "nearest" (streamed power iteration,
       `power_iters` extra passes over the data, alternately updating A then G, warm-started from classic).
     device/dtype: where and in which precision factors accumulate (batches are moved to `device`; the model is
-      expected there already); offload moves the results to the CPU.
+      expected there already, or dispatched by accelerate hooks); offload moves the results to the CPU.
+    store: a `passes.factor_store.FactorStore` (or anything with `put(name, KronFactors)`): each layer's
+      factors go there as soon as they are finished, and the store is returned.
+    max_factor_bytes: bound on the accumulators alive at once (A and G sums, `dtype`): the layers are split into
+      chunks whose sums fit, and each chunk makes its own passes over the data (None: one chunk).
+    distributed: when torch.distributed is initialized with more than one process, rank r takes batches
+      r, r + N, … and the sums and token counts are all-reduced, so every rank returns the factors of all
+      windows (equal to one process's up to float summation order).
     Parameters are frozen while collecting (no weight-gradient GEMMs, no .grad) and their requires_grad flags
     and the model's train/eval mode are restored afterwards; the model runs in eval mode (no dropout).
     """
@@ -232,9 +256,73 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     for name in names:
         if name not in modules or not has_curvature(modules[name]):
             raise ValueError(f"{name!r} is not an nn.Linear, zero-padded ungrouped nn.Conv2d or HF Conv1D of the model")
-    stats = {name: _LayerStats(name, modules[name], device, dtype) for name in names}
-    batches = _batches(windows, batch_size)
+    batches = list(enumerate(_batches(windows, batch_size)))
+    world, rank = _world() if distributed else (1, 0)
+    if world > 1:
+        if len(batches) < world:
+            raise ValueError(f"{len(batches)} calibration batches cannot be split over {world} processes")
+        batches = batches[rank::world]
     passes = ["kfac"] + (["A", "G"] * power_iters)[:power_iters] if fisher_approx == "nearest" else ["kfac"]
+    chunks = _chunks(names, modules, torch.tensor([], dtype=dtype).element_size(), max_factor_bytes)
+    out_device = "cpu" if offload else device
+    result = store if store is not None else {}
+    bar = tqdm(total=len(chunks) * len(passes) * len(batches), desc="curvature",
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    try:
+        for chunk in chunks:
+            stats = {name: _LayerStats(name, modules[name], device, dtype, world > 1) for name in chunk}
+            _run_passes(model, stats, batches, passes, fisher, samples, loss_fn, seed, device, bar)
+            for name, st in stats.items():
+                factors = KronFactors(st.A.to(out_device), st.G.to(out_device), st.tokens)
+                if store is not None:
+                    store.put(name, factors)
+                else:
+                    result[name] = factors
+            del stats
+    finally:
+        bar.close()
+    return result
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) when torch.distributed is not initialized."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _chunks(names: list[str], modules: dict, element_size: int, max_bytes: int | None) -> list[list[str]]:
+    """Consecutive runs of `names` whose A and G sums ((in'² + out²) · element_size bytes each) fit `max_bytes`
+    (a layer larger than the bound gets a chunk of its own)."""
+    if max_bytes is None:
+        return [names]
+    chunks, size = [[]], 0
+    for name in names:
+        m = modules[name]
+        out_dim, in_dim = _matrix_shape(m)
+        need = (in_dim * in_dim + out_dim * out_dim) * element_size
+        if chunks[-1] and size + need > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += need
+    return chunks
+
+
+def _matrix_shape(m: nn.Module) -> tuple[int, int]:
+    """(out, in') of the layer's factor view (see the module docstring)."""
+    if isinstance(m, nn.Conv2d):
+        out_dim, in_dim = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+    elif _is_conv1d(m):
+        in_dim, out_dim = m.weight.shape
+    else:
+        out_dim, in_dim = m.out_features, m.in_features
+    return out_dim, in_dim + (m.bias is not None)
+
+
+def _run_passes(model: nn.Module, stats: dict[str, _LayerStats], batches: list[tuple[int, Any]], passes: list[str],
+                fisher: str, samples: int, loss_fn, seed: int, device, bar) -> None:
+    """Every pass of `passes` over `batches` ((global index, batch) pairs) with hooks on the layers of `stats`."""
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     cache: dict = {}
@@ -242,8 +330,6 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     for st in stats.values():
         handles.append(st.module.register_forward_pre_hook(_make_input_leaf))
         handles.append(st.module.register_forward_hook(_make_capture(st, cache)))
-    bar = tqdm(total=len(passes) * len(batches), desc="curvature",
-               disable=not (sys.stderr.isatty() if progress is None else progress))
     try:
         model.eval()
         for p in flags:
@@ -252,7 +338,7 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
         for mode in passes:
             for st in stats.values():
                 st.mode = mode
-            for i, batch in enumerate(batches):
+            for i, batch in batches:
                 gen.manual_seed(seed * 1_000_003 + i)
                 cache.clear()
                 with torch.enable_grad():
@@ -266,15 +352,12 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
             for st in stats.values():
                 st.finish_pass()
     finally:
-        bar.close()
         cache.clear()
         for h in handles:
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    out_device = "cpu" if offload else device
-    return {name: KronFactors(st.A.to(out_device), st.G.to(out_device), st.tokens) for name, st in stats.items()}
 
 
 def _make_input_leaf(module: nn.Module, args: tuple):
