@@ -87,12 +87,14 @@ class _LayerStats:
         self.mode = "kfac"
 
     def on_forward(self, x: Tensor, cache: dict) -> Tensor:
-        """Accumulate a aᵀ of the layer input x (shared by layers reading the same tensor: computed once per
-        batch through `cache`, which also keeps x alive so its address cannot be reused); return a [B, P, in']."""
+        """Accumulate a aᵀ of the layer input x (shared by consecutive layers reading the same tensor, such as
+        q/k/v or gate/up: computed once through `cache`, which holds the last input only, and keeps it alive so
+        its address cannot be reused while its key is there); return a [B, P, in']."""
         key = (x.data_ptr(), tuple(x.shape), type(self.module), self.module.bias is not None,
                getattr(self.module, "kernel_size", None), getattr(self.module, "stride", None),
                getattr(self.module, "padding", None), getattr(self.module, "dilation", None))
         if key not in cache:
+            cache.clear()  # one [in', in'] product alive at a time
             a = _inputs_rows(self.module, x).to(self.device, self.dtype)
             flat = a.reshape(-1, a.shape[-1])
             prod = _gram_lower_(flat.new_zeros(flat.shape[1], flat.shape[1]), flat) if self.mode == "kfac" else None
@@ -149,25 +151,30 @@ class _LayerStats:
         self.tokens, self.g_rows = (int(counts[0]) if self.mode == "kfac" else self.tokens), int(counts[1])
 
 
-GRAM_BLOCK = 256
+GRAM_BLOCK = 256  # columns per block on the CPU
+GRAM_BLOCK_GPU = 2048  # on an accelerator: fewer, larger GEMMs (kernel launches dominate 256-wide blocks there)
+
+
+def _gram_block(t: Tensor) -> int:
+    return GRAM_BLOCK if t.device.type == "cpu" else GRAM_BLOCK_GPU
 
 
 def _gram_lower_(acc: Tensor, x: Tensor) -> Tensor:
-    """acc += xᵀx for x [T, d], computing only the blocks on and below the diagonal (GRAM_BLOCK columns each):
-    about (nb+1)/(2nb) of the multiply-adds for nb blocks.  Blocks above the diagonal are left untouched."""
-    d = x.shape[1]
-    for i in range(0, d, GRAM_BLOCK):
-        for j in range(0, i + 1, GRAM_BLOCK):
-            acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].addmm_(x[:, i:i + GRAM_BLOCK].T, x[:, j:j + GRAM_BLOCK])
+    """acc += xᵀx for x [T, d], computing only the blocks on and below the diagonal (`_gram_block` columns
+    each): about (nb+1)/(2nb) of the multiply-adds for nb blocks.  Blocks above the diagonal are left untouched."""
+    d, b = x.shape[1], _gram_block(acc)
+    for i in range(0, d, b):
+        for j in range(0, i + 1, b):
+            acc[i:i + b, j:j + b].addmm_(x[:, i:i + b].T, x[:, j:j + b])
     return acc
 
 
 def _mirror_lower_(acc: Tensor) -> Tensor:
     """Copy the transposed blocks below the diagonal into the (untouched) blocks above it, in place."""
-    d = acc.shape[0]
-    for i in range(0, d, GRAM_BLOCK):
-        for j in range(0, i, GRAM_BLOCK):
-            acc[j:j + GRAM_BLOCK, i:i + GRAM_BLOCK] = acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].T
+    d, b = acc.shape[0], _gram_block(acc)
+    for i in range(0, d, b):
+        for j in range(0, i, b):
+            acc[j:j + b, i:i + b] = acc[i:i + b, j:j + b].T
     return acc
 
 
