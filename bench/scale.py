@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon_fx.compile import prunable_groups  # noqa: E402
+from surgeon_fx.compile import peak_rss_mb, prunable_groups, reset_peak_rss  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
 from surgeon_fx.passes.factor_store import FactorStore  # noqa: E402
@@ -69,21 +69,6 @@ def parse_case(text: str) -> dict:
             "offload": len(parts) == 4}
 
 
-def _hwm_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _hwm_gib() -> float | None:
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
-        return int(line.split()[1]) / 2**20
-    except (OSError, StopIteration):
-        return None
-
-
 @contextmanager
 def stage(row: dict, name: str, device: torch.device):
     """Time a stage and record its own peak GPU memory and peak resident memory (GiB)."""
@@ -91,12 +76,12 @@ def stage(row: dict, name: str, device: torch.device):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    _hwm_reset()
+    reset_peak_rss()
     t0 = time.perf_counter()
     yield
     if cuda:
         torch.cuda.synchronize()
-    row["stages"][name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": _hwm_gib(),
+    row["stages"][name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": peak_rss_mb() / 1024,
                            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     print(f"  {name:8s} {row['stages'][name]}", flush=True)
 
@@ -180,7 +165,7 @@ def main_run(args) -> None:
         need, left = predicted(case, out["rows"]), end - time.monotonic()
         print(f"{case['case']}: predicted {need and round(need)} s, {left:.0f} s left", flush=True)
         if (need if need is not None else 60.0) > left:
-            out["rows"].append({**case, "skipped": f"needs ≈ {need:.0f} s, {left:.0f} s left"})
+            out["rows"].append({**case, "skipped": f"needs ≈ {need or 60:.0f} s, {left:.0f} s left"})
         else:
             try:
                 out["rows"].append(run_case(case, device, args.factor_memory))
@@ -201,7 +186,8 @@ def _peak(row: dict, key: str) -> float | None:
 
 
 def report(files: list[Path], md: Path) -> None:
-    """Markdown table per input file and one plot (time and peak memory vs layers and vs tokens)."""
+    """Markdown table per input file and one plot: collection time vs layers × tokens, shot time and peak memory
+    vs layers, every finished case a point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,32 +216,27 @@ def report(files: list[Path], md: Path) -> None:
                            f"{'–' if rss is None else f'{rss:.1f}'} | {r['factor_gib']:.1f} |")
         lines.append("")
     md.write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    panels = (("collect", lambda r: r["layers"] * r["windows"] * r["length"], "decoder layers × calibration tokens",
+               "collect seconds"),
+              ("shot", lambda r: r["layers"], "decoder layers", "shot seconds"),
+              ("memory", lambda r: r["layers"], "decoder layers", "peak GiB (GPU, else resident)"))
     for f, run in zip(files, runs):
-        rows = [r for r in run["rows"] if "total_s" in r and not r["offload"]]
-        for col, (key, label) in enumerate((("layers", "decoder layers"), ("tokens", "calibration tokens"))):
-            other = (lambda r: r["windows"] * r["length"]) if key == "layers" else (lambda r: r["layers"])
-            x_of = (lambda r: r["layers"]) if key == "layers" else (lambda r: r["windows"] * r["length"])
-            series = {}
+        rows = [r for r in run["rows"] if "total_s" in r]
+        device = run["meta"]["device"]
+        for ax, (what, x_of, xlabel, ylabel) in zip(axes, panels):
             for r in rows:
-                series.setdefault((r["shape"], other(r)), []).append(r)
-            for (shape, fixed), pts in sorted(series.items()):
-                if len({x_of(r) for r in pts}) < 2:
-                    continue
-                pts = sorted(pts, key=x_of)
-                xs = [x_of(r) for r in pts]
-                tag = f"{shape} @ {fixed} {'tokens' if key == 'layers' else 'layers'}, {run['meta']['device'][:12]}"
-                for s in ("collect", "shot"):
-                    axes[0, col].plot(xs, [r["stages"][s]["seconds"] for r in pts], "o-", label=f"{tag}: {s}")
-                mem = "peak_gpu_gib" if pts[0]["stages"]["shot"]["peak_gpu_gib"] is not None else "peak_rss_gib"
-                axes[1, col].plot(xs, [_peak(r, mem) for r in pts], "o-", label=f"{tag}: {mem.split('_')[1].upper()}")
-            axes[0, col].set(xlabel=label, ylabel="seconds")
-            axes[1, col].set(xlabel=label, ylabel="peak GiB (whole run)")
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle("Structured LLM Surgeon, 1 shot to 0.8, random-weight Llama shapes")
+                mem = _peak(r, "peak_gpu_gib") if r["stages"]["shot"]["peak_gpu_gib"] is not None else \
+                    _peak(r, "peak_rss_gib")
+                y = mem if what == "memory" else r["stages"][what]["seconds"]
+                ax.scatter(x_of(r), y, marker="s" if r["offload"] else "o",
+                           color="tab:green" if "H200" in device else "tab:blue")
+                ax.annotate(r["case"], (x_of(r), y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if what == "collect" else "linear", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Structured LLM Surgeon, 1 shot to 0.8, random-weight Llama shapes "
+                 "(green: H200, blue: CPU; squares: offloaded model)")
     fig.tight_layout()
     fig.savefig(md.with_suffix(".png"), dpi=110)
     print(f"wrote {md.with_suffix('.png')}")

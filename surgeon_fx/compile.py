@@ -5,7 +5,8 @@
 `compile_model(model_file, recipe, out)` runs it and returns a `CompileResult`.  Every input that cannot work
 (contract, target, structure, data, device, existing output) is rejected with a one-line `CompileError` (or
 the error class of the module that found it, see `USER_ERRORS`) *before* anything is written.  Each stage is
-timed and its peak memory recorded (resident set size via `resource.getrusage`, plus CUDA peak allocation).
+timed and its own peak memory recorded (resident set size: VmHWM reset per stage on Linux, else the process's
+`resource.getrusage` peak so far; plus CUDA peak allocation).
 
 Structured pruning uses the dependency graph's exact groups (heads, KV heads, MLP neurons, conv channels);
 the residual stream crosses normalisation layers (removal is not the same as zeroing) and stays whole.
@@ -87,9 +88,23 @@ class CompileResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+    """Peak resident set size in MB: since the last `reset_peak_rss` where Linux allows it (VmHWM), else of the
+    process so far (ru_maxrss: KB on Linux, bytes on macOS)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak of `peak_rss_mb` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere a
+    no-op, and the peak stays the process's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class Stages:
@@ -105,6 +120,7 @@ class Stages:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_rss()
         start = time.perf_counter()
         yield
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
