@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from surgeon_fx.layers import has_curvature
+from surgeon_fx.layers import has_curvature, matrix_kind
 from surgeon_fx.passes.kron import CurvatureError, apply_ra, apply_rg
 
 
@@ -318,12 +318,7 @@ def _chunks(names: list[str], modules: dict, element_size: int, max_bytes: int |
 
 def _matrix_shape(m: nn.Module) -> tuple[int, int]:
     """(out, in') of the layer's factor view (see the module docstring)."""
-    if isinstance(m, nn.Conv2d):
-        out_dim, in_dim = m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-    elif _is_conv1d(m):
-        in_dim, out_dim = m.weight.shape
-    else:
-        out_dim, in_dim = m.out_features, m.in_features
+    out_dim, in_dim = matrix_kind(m).out_in(m.weight).shape
     return out_dim, in_dim + (m.bias is not None)
 
 
