@@ -11,7 +11,8 @@ Specialisations used here (all exact for the given F):
 * a block R of whole rows:   L = ½ tr((G⁻¹_RR)⁻¹ W_R A W_Rᵀ)       (E F⁻¹ Eᵀ = G⁻¹_RR ⊗ A⁻¹)
 * a block C of whole columns: L = ½ tr((A⁻¹_CC)⁻¹ W_Cᵀ G W_C)      (E F⁻¹ Eᵀ = G⁻¹ ⊗ A⁻¹_CC)
 
-`unit_costs` sums the block costs of a structured unit over every layer it touches (each block priced alone).
+`layer_unit_costs` prices the blocks of every structured unit in one layer; `unit_costs` sums them over every layer a
+unit touches (each block priced alone).
 """
 from __future__ import annotations
 
@@ -50,27 +51,40 @@ def _half_trace_solve(C: Tensor, S: Tensor) -> Tensor:
     return 0.5 * torch.linalg.solve(C, S).diagonal(dim1=1, dim2=2).sum(-1)
 
 
-def unit_costs(units: list[UnitBlocks], layers: dict[str, tuple[Tensor, LayerCurvature]]) -> Tensor:
-    """[U] cost of each unit: Σ over layers of its row-block cost plus its column-block cost.
+def layer_unit_costs(units: list[UnitBlocks], name: str, W: Tensor, curv: LayerCurvature) -> Tensor:
+    """[U] the part of each unit's cost that lies in layer `name`: its row-block cost plus its column-block cost
+    there (0 for units that do not touch the layer).
 
-    layers: name → (W (out, in') float64, curvature with A, G, A_inv, G_inv).  Units with equal-sized blocks in a
-    layer are priced in one batched solve.  A unit holding both rows and columns of one layer is priced as the
-    sum of the two block costs (their shared entries counted twice).
+    W: the layer's (out, in') float64 matrix; curv: its damped curvature.  Units with equal-sized blocks are
+    priced in one batched solve.  A unit holding both rows and columns of the layer is priced as the sum of the
+    two block costs (their shared entries counted twice).
     """
-    device = next(iter(layers.values()))[0].device if layers else None
-    total = torch.zeros(len(units), dtype=torch.float64, device=device)
+    total = torch.zeros(len(units), dtype=torch.float64, device=W.device)
     for side in ("rows", "cols"):
-        buckets: dict[tuple[str, int], list[tuple[int, Tensor]]] = {}
+        buckets: dict[int, list[tuple[int, Tensor]]] = {}
         for u, blocks in enumerate(units):
-            for name, idx in getattr(blocks, side).items():
-                buckets.setdefault((name, idx.numel()), []).append((u, idx))
-        for (name, _), items in buckets.items():
-            W, curv = layers[name]
-            who = torch.tensor([u for u, _ in items], device=device)
-            blocks = torch.stack([idx for _, idx in items]).to(device)
+            idx = getattr(blocks, side).get(name)
+            if idx is not None:
+                buckets.setdefault(idx.numel(), []).append((u, idx))
+        for items in buckets.values():
+            who = torch.tensor([u for u, _ in items], device=W.device)
+            blocks = torch.stack([idx for _, idx in items]).to(W.device)
             if side == "rows":
                 c = row_block_costs(W, curv.A, curv.G_inv, blocks)
             else:
                 c = col_block_costs(W, curv.G, curv.A_inv, blocks)
             total.index_add_(0, who, c.to(torch.float64))
+    return total
+
+
+def unit_costs(units: list[UnitBlocks], layers: dict[str, tuple[Tensor, LayerCurvature]]) -> Tensor:
+    """[U] cost of each unit: Σ over `layers` (in their order) of `layer_unit_costs`.
+
+    layers: name → (W (out, in') float64, curvature with A, G, A_inv, G_inv), every layer a unit touches.
+    The streaming shot (`passes.surgeon`) adds the same per-layer terms in the same order, one layer at a time.
+    """
+    device = next(iter(layers.values()))[0].device if layers else None
+    total = torch.zeros(len(units), dtype=torch.float64, device=device)
+    for name, (W, curv) in layers.items():
+        total += layer_unit_costs(units, name, W, curv)
     return total

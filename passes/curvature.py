@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from surgeon_fx.layers import has_curvature
+from surgeon_fx.layers import has_curvature, matrix_kind
 from surgeon_fx.passes.kron import CurvatureError, apply_ra, apply_rg
 
 
@@ -79,20 +79,22 @@ def _grad_rows(m: nn.Module, g: Tensor) -> Tensor:
 class _LayerStats:
     """Per-layer accumulators; `mode` is "kfac" (A and G sums), "A" or "G" (one power-iteration half-step)."""
 
-    def __init__(self, name: str, module: nn.Module, device, dtype):
-        self.name, self.module, self.device, self.dtype = name, module, device, dtype
+    def __init__(self, name: str, module: nn.Module, device, dtype, reduce: bool = False):
+        self.name, self.module, self.device, self.dtype, self.reduce = name, module, device, dtype, reduce
         self.A_sum = self.G_sum = self.acc = None
         self.tokens = self.g_rows = 0
         self.A = self.G = None
         self.mode = "kfac"
 
     def on_forward(self, x: Tensor, cache: dict) -> Tensor:
-        """Accumulate a aᵀ of the layer input x (shared by layers reading the same tensor: computed once per
-        batch through `cache`, which also keeps x alive so its address cannot be reused); return a [B, P, in']."""
+        """Accumulate a aᵀ of the layer input x (shared by consecutive layers reading the same tensor, such as
+        q/k/v or gate/up: computed once through `cache`, which holds the last input only, and keeps it alive so
+        its address cannot be reused while its key is there); return a [B, P, in']."""
         key = (x.data_ptr(), tuple(x.shape), type(self.module), self.module.bias is not None,
                getattr(self.module, "kernel_size", None), getattr(self.module, "stride", None),
                getattr(self.module, "padding", None), getattr(self.module, "dilation", None))
         if key not in cache:
+            cache.clear()  # one [in', in'] product alive at a time
             a = _inputs_rows(self.module, x).to(self.device, self.dtype)
             flat = a.reshape(-1, a.shape[-1])
             prod = _gram_lower_(flat.new_zeros(flat.shape[1], flat.shape[1]), flat) if self.mode == "kfac" else None
@@ -118,7 +120,10 @@ class _LayerStats:
         self.acc = part if self.acc is None else self.acc.add_(part)
 
     def finish_pass(self) -> None:
-        """Turn the sums of the pass just run into factors (classic normalisation or least-squares update)."""
+        """Turn the sums of the pass just run into factors (classic normalisation or least-squares update);
+        with `reduce`, the sums and counts of every process are added first (all-reduce)."""
+        if self.reduce:
+            self._all_reduce()
         if self.mode == "kfac":
             if self.A_sum is None or self.G_sum is None:
                 raise CurvatureError(f"layer {self.name!r} saw no {'input' if self.A_sum is None else 'gradient'}"
@@ -132,26 +137,44 @@ class _LayerStats:
             self.G = _sym(self.acc) / self.g_rows / (self.A * self.A).sum()
         self.acc, self.g_rows = None, 0
 
+    def _all_reduce(self) -> None:
+        """Sum A_sum, G_sum (or the power-iteration accumulator) and the token counts over all processes."""
+        dist = torch.distributed
+        sums = [self.A_sum, self.G_sum] if self.mode == "kfac" else [self.acc]
+        if any(t is None for t in sums):
+            raise CurvatureError(f"layer {self.name!r} saw no input or gradient on rank {dist.get_rank()}")
+        for t in sums:
+            dist.all_reduce(t)
+        tokens = self.tokens if self.mode == "kfac" else 0  # counted in the classic pass only
+        counts = torch.tensor([tokens, self.g_rows], dtype=torch.int64, device=sums[0].device)
+        dist.all_reduce(counts)
+        self.tokens, self.g_rows = (int(counts[0]) if self.mode == "kfac" else self.tokens), int(counts[1])
 
-GRAM_BLOCK = 256
+
+GRAM_BLOCK = 256  # columns per block on the CPU
+GRAM_BLOCK_GPU = 2048  # on an accelerator: fewer, larger GEMMs (kernel launches dominate 256-wide blocks there)
+
+
+def _gram_block(t: Tensor) -> int:
+    return GRAM_BLOCK if t.device.type == "cpu" else GRAM_BLOCK_GPU
 
 
 def _gram_lower_(acc: Tensor, x: Tensor) -> Tensor:
-    """acc += xᵀx for x [T, d], computing only the blocks on and below the diagonal (GRAM_BLOCK columns each):
-    about (nb+1)/(2nb) of the multiply-adds for nb blocks.  Blocks above the diagonal are left untouched."""
-    d = x.shape[1]
-    for i in range(0, d, GRAM_BLOCK):
-        for j in range(0, i + 1, GRAM_BLOCK):
-            acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].addmm_(x[:, i:i + GRAM_BLOCK].T, x[:, j:j + GRAM_BLOCK])
+    """acc += xᵀx for x [T, d], computing only the blocks on and below the diagonal (`_gram_block` columns
+    each): about (nb+1)/(2nb) of the multiply-adds for nb blocks.  Blocks above the diagonal are left untouched."""
+    d, b = x.shape[1], _gram_block(acc)
+    for i in range(0, d, b):
+        for j in range(0, i + 1, b):
+            acc[i:i + b, j:j + b].addmm_(x[:, i:i + b].T, x[:, j:j + b])
     return acc
 
 
 def _mirror_lower_(acc: Tensor) -> Tensor:
     """Copy the transposed blocks below the diagonal into the (untouched) blocks above it, in place."""
-    d = acc.shape[0]
-    for i in range(0, d, GRAM_BLOCK):
-        for j in range(0, i, GRAM_BLOCK):
-            acc[j:j + GRAM_BLOCK, i:i + GRAM_BLOCK] = acc[i:i + GRAM_BLOCK, j:j + GRAM_BLOCK].T
+    d, b = acc.shape[0], _gram_block(acc)
+    for i in range(0, d, b):
+        for j in range(0, i, b):
+            acc[j:j + b, i:i + b] = acc[i:i + b, j:j + b].T
     return acc
 
 
@@ -207,7 +230,8 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
                  fisher: str = "empirical", samples: int = 1, batch_size: int = 1, device="cpu",
                  dtype: torch.dtype = torch.float32, offload: bool = False, progress: bool | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, fisher_approx: str = "kfac",
-                 power_iters: int = 2, seed: int = 0) -> dict[str, KronFactors]:
+                 power_iters: int = 2, seed: int = 0, store=None, max_factor_bytes: int | None = None,
+                 distributed: bool = True) -> dict[str, KronFactors]:
     """Kronecker factors (A, G) of the Fisher for each layer, keyed by qualified module name.
 
     windows: LongTensor [n, L] of token ids for a causal LM (model(ids) → logits or an object with .logits),
@@ -219,7 +243,14 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     fisher_approx: "kfac" (classic, independence of a and g) or "nearest" (streamed power iteration,
       `power_iters` extra passes over the data, alternately updating A then G, warm-started from classic).
     device/dtype: where and in which precision factors accumulate (batches are moved to `device`; the model is
-      expected there already); offload moves the results to the CPU.
+      expected there already, or dispatched by accelerate hooks); offload moves the results to the CPU.
+    store: a `passes.factor_store.FactorStore` (or anything with `put(name, KronFactors)`): each layer's
+      factors go there as soon as they are finished, and the store is returned.
+    max_factor_bytes: bound on the accumulators alive at once (A and G sums, `dtype`): the layers are split into
+      chunks whose sums fit, and each chunk makes its own passes over the data (None: one chunk).
+    distributed: when torch.distributed is initialized with more than one process, rank r takes batches
+      r, r + N, … and the sums and token counts are all-reduced, so every rank returns the factors of all
+      windows (equal to one process's up to float summation order).
     Parameters are frozen while collecting (no weight-gradient GEMMs, no .grad) and their requires_grad flags
     and the model's train/eval mode are restored afterwards; the model runs in eval mode (no dropout).
     """
@@ -232,9 +263,68 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     for name in names:
         if name not in modules or not has_curvature(modules[name]):
             raise ValueError(f"{name!r} is not an nn.Linear, zero-padded ungrouped nn.Conv2d or HF Conv1D of the model")
-    stats = {name: _LayerStats(name, modules[name], device, dtype) for name in names}
-    batches = _batches(windows, batch_size)
+    batches = list(enumerate(_batches(windows, batch_size)))
+    world, rank = _world() if distributed else (1, 0)
+    if world > 1:
+        if len(batches) < world:
+            raise ValueError(f"{len(batches)} calibration batches cannot be split over {world} processes")
+        batches = batches[rank::world]
     passes = ["kfac"] + (["A", "G"] * power_iters)[:power_iters] if fisher_approx == "nearest" else ["kfac"]
+    chunks = _chunks(names, modules, torch.tensor([], dtype=dtype).element_size(), max_factor_bytes)
+    out_device = "cpu" if offload else device
+    result = store if store is not None else {}
+    bar = tqdm(total=len(chunks) * len(passes) * len(batches), desc="curvature",
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    try:
+        for chunk in chunks:
+            stats = {name: _LayerStats(name, modules[name], device, dtype, world > 1) for name in chunk}
+            _run_passes(model, stats, batches, passes, fisher, samples, loss_fn, seed, device, bar)
+            for name, st in stats.items():
+                factors = KronFactors(st.A.to(out_device), st.G.to(out_device), st.tokens)
+                if store is not None:
+                    store.put(name, factors)
+                else:
+                    result[name] = factors
+            del stats
+    finally:
+        bar.close()
+    return result
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) when torch.distributed is not initialized."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _chunks(names: list[str], modules: dict, element_size: int, max_bytes: int | None) -> list[list[str]]:
+    """Consecutive runs of `names` whose A and G sums ((in'² + out²) · element_size bytes each) fit `max_bytes`
+    (a layer larger than the bound gets a chunk of its own)."""
+    if max_bytes is None:
+        return [names]
+    chunks, size = [[]], 0
+    for name in names:
+        m = modules[name]
+        out_dim, in_dim = _matrix_shape(m)
+        need = (in_dim * in_dim + out_dim * out_dim) * element_size
+        if chunks[-1] and size + need > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += need
+    return chunks
+
+
+def _matrix_shape(m: nn.Module) -> tuple[int, int]:
+    """(out, in') of the layer's factor view (see the module docstring)."""
+    out_dim, in_dim = matrix_kind(m).out_in(m.weight).shape
+    return out_dim, in_dim + (m.bias is not None)
+
+
+def _run_passes(model: nn.Module, stats: dict[str, _LayerStats], batches: list[tuple[int, Any]], passes: list[str],
+                fisher: str, samples: int, loss_fn, seed: int, device, bar) -> None:
+    """Every pass of `passes` over `batches` ((global index, batch) pairs) with hooks on the layers of `stats`."""
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     cache: dict = {}
@@ -242,8 +332,6 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
     for st in stats.values():
         handles.append(st.module.register_forward_pre_hook(_make_input_leaf))
         handles.append(st.module.register_forward_hook(_make_capture(st, cache)))
-    bar = tqdm(total=len(passes) * len(batches), desc="curvature",
-               disable=not (sys.stderr.isatty() if progress is None else progress))
     try:
         model.eval()
         for p in flags:
@@ -252,7 +340,7 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
         for mode in passes:
             for st in stats.values():
                 st.mode = mode
-            for i, batch in enumerate(batches):
+            for i, batch in batches:
                 gen.manual_seed(seed * 1_000_003 + i)
                 cache.clear()
                 with torch.enable_grad():
@@ -266,15 +354,12 @@ def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str]
             for st in stats.values():
                 st.finish_pass()
     finally:
-        bar.close()
         cache.clear()
         for h in handles:
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    out_device = "cpu" if offload else device
-    return {name: KronFactors(st.A.to(out_device), st.G.to(out_device), st.tokens) for name, st in stats.items()}
 
 
 def _make_input_leaf(module: nn.Module, args: tuple):

@@ -3,7 +3,7 @@
 Shot t = 1..T (targets from `threshold.shot_targets`, linear from 1 to `target`):
 
 1. re-estimate the curvature of the current (already pruned and updated) model with `collect_curvature`;
-2. damp and invert each factor once (`baselines.layer_curvature`; the method picks KFAC or a baseline);
+2. damp and invert each factor (`baselines.layer_curvature`; the method picks KFAC or a baseline);
 3. price every candidate (`costs`): weights (unstructured, N:M) or units of the groups (structured);
 4. select: a global threshold on raw costs (unstructured), per-block N:M (semi-structured, the M−N removed
    per block grow linearly with t), cheapest units per removed parameter (structured, `threshold.select_units`);
@@ -16,6 +16,13 @@ Shot t = 1..T (targets from `threshold.shot_targets`, linear from 1 to `target`)
 Targets are fractions of *prunable* parameters kept by default (`target_of="prunable"`: the weights of the
 pruned layers, or for structured pruning every parameter the groups touch); `target_of="all"` counts every
 parameter of the model, the non-prunable ones as always kept.
+
+A structured shot streams: one layer at a time its factors go to the compute device, are damped and inverted
+(float64 W, A, A⁻¹, G, G⁻¹: the layer's workspace) and priced, and only the [U] unit costs stay; after the global
+selection each changed layer is loaded again (the same deterministic factorisation) and updated.  So the device
+holds the model, one batch's activations during collection and one layer's workspace during the shot; the
+factors of the other layers wait where `collect_curvature` left them (`passes.factor_store`: CPU memory or
+files).  The result equals pricing every layer at once (`costs.unit_costs`) bit for bit.
 """
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ from torch import Tensor, nn
 from surgeon_fx.passes.baselines import is_diagonal, layer_curvature, needs_data
 from surgeon_fx.layers import CONV2D, kind_of
 from surgeon_fx.passes.blocks import from_matrix, read_matrix, to_matrix, unit_blocks, write_matrix
-from surgeon_fx.passes.costs import element_costs, unit_costs
-from surgeon_fx.passes.curvature import collect_kfac, default_layers
+from surgeon_fx.passes.costs import element_costs, layer_unit_costs
+from surgeon_fx.passes.curvature import KronFactors, collect_kfac, default_layers
 from surgeon_fx.passes.lora import lora_correct
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from surgeon_fx.passes.update import remove_rows_cols, sweep_update
@@ -130,12 +137,13 @@ class _State:
 def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, config: SurgeonConfig,
           collect_curvature: Callable[[nn.Module, Tensor], dict] | None = None,
           checkpoint_dir: str | os.PathLike | None = None,
-          progress: Callable[[ShotLog], None] | None = None) -> PruneResult:
+          progress: Callable[[ShotLog], None] | None = None, device=None) -> PruneResult:
     """Prune `model` in place in `config.shots` shots; see the module docstring.
 
     groups: required for structure "structured" (ignored otherwise).  collect_curvature(model, windows) →
-    {layer name: KronFactors}; default `collect_kfac` on the pruned layers.  The global torch RNG is forked:
-    the caller's RNG state is unchanged.
+    {layer name: KronFactors} (any mapping, e.g. a `FactorStore`); default `collect_kfac` on the pruned layers.
+    device: where a structured shot computes each layer's workspace (None: the device of the layer's weight).
+    The global torch RNG is forked: the caller's RNG state is unchanged.
     """
     structured = config.structure.structured
     if structured and not groups:
@@ -147,6 +155,8 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
     if structured:
         curved = set(layers)
         blocks = {g.name: [unit_blocks(u, modules, curved) for u in g.units] for g in groups}
+        touching = {name: [g for g in groups if any(name in b.rows or name in b.cols for b in blocks[g.name])]
+                    for name in layers}
         shapes = {n: p.shape for n, p in params.items()}
         sizes = {g.name: [Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units]
                  for g in groups}  # parameters only, each tied tensor under its first name
@@ -169,14 +179,16 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
         for t in range(state.shot, config.shots):
             start = time.perf_counter()
             factors = collect(model, calib_windows) if needs_data(config.curvature) else {}
-            curv = {name: _curvature(modules[name], factors.get(name), config, name) for name in layers}
             kept_target = round(targets[t] * (n_prunable + n_fixed)) - n_fixed
             if structured:
-                cost, target = _structured_shot(modules, layers, curv, groups, blocks, sizes, state, config,
-                                                kept_target), targets[t]
+                cost, target = _structured_shot(modules, layers, factors, groups, blocks, touching, sizes, state,
+                                                config, kept_target, device), targets[t]
             else:
+                curv = {name: _curvature(modules[name], factors.get(name), config, name) for name in layers}
                 cost, nm_target = _sparse_shot(modules, layers, curv, state, config, t, n_prunable - kept_target)
                 target = targets[t] if nm_target is None else nm_target
+                del curv
+            del factors
             _apply_masks(params, state.masks)
             lora = None
             if config.lora_rank > 0:
@@ -256,17 +268,24 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
     return cost, target
 
 
-def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State, config: SurgeonConfig,
-                     kept_target: int) -> float:
-    """Structured shot: price units, select, update the layers jointly, mask every slice.  Returns the cost.
+def _structured_shot(modules, layers, factors, groups, blocks, touching, sizes, state: _State,
+                     config: SurgeonConfig, kept_target: int, device) -> float:
+    """Structured shot, one layer at a time: price units, select, update each changed layer, mask every slice.
 
-    Unit sizes are `Unit.numel` (entries shared with units of other groups are counted again); the number to
-    remove is taken from the actual masks each shot, so such an overshoot is corrected by the next shot.
+    Returns the cost.  Unit sizes are `Unit.numel` (entries shared with units of other groups are counted
+    again); the number to remove is taken from the actual masks each shot, so such an overshoot is corrected by
+    the next shot.  touching: layer → the groups with a unit holding rows or columns of it.
     """
-    mats = {name: (read_matrix(modules[name]), curv[name]) for name in layers}
-    costs, scores = {}, {}
+    costs = {g.name: torch.zeros(len(g.units), dtype=torch.float64, device=device) for g in groups}
+    for name in layers:
+        if not touching[name]:
+            continue
+        M, c = _workspace(modules[name], factors, config, name, device)
+        for g in touching[name]:
+            costs[g.name] = costs[g.name] + layer_unit_costs(blocks[g.name], name, M, c).to(costs[g.name].device)
+        del M, c
+    scores = {}
     for g in groups:
-        costs[g.name] = unit_costs(blocks[g.name], mats)
         size = torch.tensor(sizes[g.name], dtype=torch.float64, device=costs[g.name].device).clamp_min(1)
         scores[g.name] = costs[g.name] / size if config.per_param else costs[g.name]
     kept_now = sum(int(m.sum()) for m in state.masks.values())
@@ -279,23 +298,42 @@ def _structured_shot(modules, layers, curv, groups, blocks, sizes, state: _State
             for s in g.units[u].slices:
                 if s.param in state.masks:
                     state.masks[s.param].index_fill_(s.dim, s.index.to(state.masks[s.param].device), False)
+    curved = config.update != "none" and not is_diagonal(config.curvature)
     for name in layers:
         rows, cols = _removed_blocks(name, groups, blocks, state.removed)
         if not rows.numel() and not cols.numel():
             continue
-        M, c = mats[name]
-        rows, cols = rows.to(M.device), cols.to(M.device)
-        if config.update != "none" and not is_diagonal(config.curvature):
+        if curved:
+            M, c = _workspace(modules[name], factors, config, name, device)
+            rows, cols = rows.to(M.device), cols.to(M.device)
             updated = (_removed_blocks(name, groups, blocks, state.removed, producers_only=True)[0].to(M.device)
                        if config.update == "consumer" else rows)
             M = remove_rows_cols(M, c.G_inv, c.A_inv, updated, cols)
+            del c
             M[rows] = 0
         else:
-            M = M.clone()
+            M = _read(modules[name], device)
+            rows, cols = rows.to(M.device), cols.to(M.device)
             M[rows] = 0
             M[:, cols] = 0
         write_matrix(modules[name], M)
+        del M
     return cost
+
+
+def _read(module: nn.Module, device) -> Tensor:
+    """The layer's float64 matrix M (out, in') on `device` (None: where its weight is)."""
+    M = read_matrix(module)
+    return M if device is None else M.to(device)
+
+
+def _workspace(module: nn.Module, factors, config: SurgeonConfig, name: str, device):
+    """One layer's float64 workspace on the compute device: (M, damped curvature with inverses)."""
+    M = _read(module, device)
+    f = factors.get(name)
+    if f is not None:
+        f = KronFactors(f.A.to(M.device), f.G.to(M.device), f.tokens)
+    return M, _curvature(module, f, config, name)
 
 
 def _removed_blocks(name: str, groups, blocks, removed, producers_only: bool = False) -> tuple[Tensor, Tensor]:

@@ -50,6 +50,13 @@ examples:
   # a local Hugging Face folder, calibration text from any file, on the first GPU
   surgeon-compile --hf ./my-llama --calib-file corpus.txt --device cuda:0 --out out/my-llama
 
+  # a model larger than the GPU: weights in CPU memory, onloaded module by module; factors in files
+  surgeon-compile --hf ./llama-13b --calib-file corpus.txt --device cuda --offload-model \
+      --offload-dir /scratch/factors --factor-memory 30 --out out/llama-13b-s80
+
+  # data-parallel curvature on 4 GPUs (torchrun; rank 0 writes the output)
+  surgeon-compile --hf ./llama-7b --calib-file corpus.txt --device cuda --nproc 4 --out out/llama-7b-s80
+
   # continue an interrupted run from its last finished shot
   surgeon-compile models/smollm2.py --target 0.7 --shots 10 --out out/s70 --resume
 
@@ -113,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, help=f"seed of the calibration windows and sampling (default: {d.seed})")
     run = p.add_argument_group("running")
     run.add_argument("--device", metavar="DEV", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    run.add_argument("--nproc", type=int, metavar="N", help="collect curvature in N processes (torchrun; NCCL on "
+                     "GPUs, one per process, gloo on the CPU); rank 0 writes the output (default: 1)")
+    run.add_argument("--offload-model", action="store_const", const=True,
+                     help="keep the weights in CPU memory and run each module on --device only while it computes "
+                          "(accelerate), for models larger than the device")
+    run.add_argument("--offload-dir", metavar="DIR", help="keep curvature factors in files under DIR between "
+                     "collection and the shot (default: CPU memory on a GPU run)")
+    run.add_argument("--factor-memory", type=float, metavar="GIB", help="bound on the curvature accumulators alive "
+                     "at once; more passes over the data when the layers need more (default: no bound)")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint of an interrupted run (kept in <out>.work/ beside the output)")
     run.add_argument("--cache", metavar="DIR", help="where results that repeat between runs are kept: the dense "
@@ -128,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "lora_rank", "calib_windows",
                  "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length", "batch_size", "seed",
-                 "device")
+                 "device", "offload_model", "offload_dir", "factor_memory")
 
 
 def default_out(name: str, recipe) -> Path:
@@ -208,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None, signals: _Signals) -> int:
     args = build_parser().parse_args(argv)
+    from surgeon_fx import distributed
+
+    if args.nproc is not None and args.nproc < 1:
+        print(f"{PROG}: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if (args.nproc or 1) > 1 and not distributed.launched():
+        return distributed.relaunch(_without_nproc(sys.argv[1:] if argv is None else argv), args.nproc)
     from surgeon_fx.cache import ResultCache, default_folder
     from surgeon_fx.compile import USER_ERRORS, CompileError, compile_model
     from surgeon_fx.modelfile import from_hf_folder, load_model_file
@@ -218,6 +241,7 @@ def _run(argv: list[str] | None, signals: _Signals) -> int:
             raise CompileError("give either a model file or --hf PATH (exactly one)")
         recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
         recipe = recipe.merged({k: getattr(args, k) for k in OPTION_FIELDS})
+        recipe = recipe.merged({"device": distributed.join(recipe.device)})
         mf = load_model_file(args.model) if args.model else from_hf_folder(args.hf)
         out = Path(args.out) if args.out else default_out(mf.name, recipe)
         result = compile_model(mf, recipe, out, resume=args.resume, overwrite=args.overwrite,
@@ -234,8 +258,24 @@ def _run(argv: list[str] | None, signals: _Signals) -> int:
         print(f"{PROG}: error: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --traceback)",
               file=sys.stderr)
         return 1
-    print(summary(result))
+    main_rank = distributed.rank() == 0
+    distributed.leave()
+    if main_rank:
+        print(summary(result))
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv without its --nproc option (as `--nproc N` or `--nproc=N`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

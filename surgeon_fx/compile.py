@@ -5,7 +5,8 @@
 `compile_model(model_file, recipe, out)` runs it and returns a `CompileResult`.  Every input that cannot work
 (contract, target, structure, data, device, existing output) is rejected with a one-line `CompileError` (or
 the error class of the module that found it, see `USER_ERRORS`) *before* anything is written.  Each stage is
-timed and its peak memory recorded (resident set size via `resource.getrusage`, plus CUDA peak allocation).
+timed and its own peak memory recorded (resident set size: VmHWM reset per stage on Linux, else the process's
+`resource.getrusage` peak so far; plus CUDA peak allocation).
 
 Structured pruning uses the dependency graph's exact groups (heads, KV heads, MLP neurons, conv channels);
 the residual stream crosses normalisation layers (removal is not the same as zeroing) and stays whole.
@@ -23,7 +24,7 @@ import resource
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,7 @@ from surgeon_fx.passes.blocks import to_matrix
 from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
 from surgeon_fx.passes.round_units import ROUNDED_KINDS, with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
-from surgeon_fx import emit, report
+from surgeon_fx import distributed, emit, report
 from surgeon_fx.cache import ResultCache, model_digest, tensor_digest
 from surgeon_fx.data import calibration_windows, digest, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import main_output as outputs, perplexity
@@ -47,7 +48,7 @@ from surgeon_fx.hf import drop_gguf_record
 from surgeon_fx.loader import LoadError, load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows, sha256_of
 from surgeon_fx.progress import Progress
-from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve
+from surgeon_fx.methods import Method, MethodError, Outcome, RunContext, resolve, running
 from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.trace import TraceError, is_hf_model
 
@@ -87,9 +88,23 @@ class CompileResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+    """Peak resident set size in MB: since the last `reset_peak_rss` where Linux allows it (VmHWM), else of the
+    process so far (ru_maxrss: KB on Linux, bytes on macOS)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak of `peak_rss_mb` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere a
+    no-op, and the peak stays the process's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class Stages:
@@ -105,6 +120,7 @@ class Stages:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_rss()
         start = time.perf_counter()
         yield
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
@@ -437,15 +453,19 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
     out = Path(out).absolute()
     emit.check_target(out, overwrite)
     device = resolve_device(recipe.device)
-    progress = Progress.of(progress)
+    home = torch.device("cpu") if recipe.offload_model else device  # where the weights live
+    main, several = distributed.rank() == 0, distributed.world_size() > 1
+    if several and resume:
+        raise CompileError("--resume does not work with several processes (no checkpoints are written then)")
+    progress = Progress.of(progress if main else False)
     restore_bars = progress.silence_libraries()
     structured = recipe.structure.structured
     stages = Stages(device, 9 if structured else 8, progress)
-    with emit.output_lock(out, overwrite):
+    with emit.output_lock(out, overwrite) if main else nullcontext():  # rank 0 alone writes
         try:
             with stages("build"):
-                model = mf.build().to(device).eval()
-                inputs = tuple(_to(x, device) for x in mf.example_inputs(model))
+                model = mf.build().to(home).eval()
+                inputs = tuple(_to(x, home) for x in mf.example_inputs(model))
                 hf = is_hf_model(model)
                 if hf:
                     drop_gguf_record(model)
@@ -462,19 +482,21 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
             with stages("data"):
                 calib = calibration_data(mf, recipe, method)
                 data = evaluation_data(mf, recipe, model)
-                check_data(mf, model, calib, data, device)
-            with stages("evaluate dense"):
-                before = dense_evaluation(model, mf, data, recipe, device, progress, cache)
+                check_data(mf, model, calib, data, home)
+            with stages("evaluate dense"), running(model, recipe, device):
+                before = dense_evaluation(model, mf, data, recipe, device, progress, cache) if main else None
             with stages("prune"):
                 outcome = _prune(mf, recipe, method, model, groups, calib, out, resume, device, progress, graph)
                 masks, removed, shots = outcome.masks, outcome.removed, outcome.shots
                 check_finite(model, "the pruned model")
+            if not main:  # every rank pruned the same way; rank 0 alone evaluates and writes
+                return CompileResult(out, model, {}, None, {} if structured else masks)
             with stages("rewrite"):
                 if outcome.plan is not None:  # the method rewrote the model itself (SliceGPT)
                     plan, checks = outcome.plan, {}
                 else:
                     plan, checks = _rewrite(model, graph, removed, inputs) if structured else (None, {})
-            with stages("evaluate pruned"):
+            with stages("evaluate pruned"), running(model, recipe, device):
                 after = evaluate(model, mf, data, recipe, device, progress.bars)
             tokenizer = _tokenizer_for_hf(mf) if hf else None
             pruned = outputs(model, inputs)
@@ -484,7 +506,7 @@ def compile_model(mf: ModelFile, recipe: Recipe, out: str | Path, *, resume: boo
                 with stages("emit + verify"):
                     manifest = {**_manifest(mf, source, recipe, plan, masks, model), "tails": outcome.tails}
                     files = [f.relative_to(tmp) for f in _emit(tmp, model, manifest, tokenizer, inputs, hf, mf)]
-                    reloaded = load(tmp, device, trust_source=True)  # our own folder and the user's own file
+                    reloaded = load(tmp, home, trust_source=True)  # our own folder and the user's own file
                     checks["reload_max_abs"] = max_diff(outputs(reloaded, inputs), pruned)
                     if not checks["reload_max_abs"] <= RELOAD_TOLERANCE:  # NaN included
                         raise CompileError(f"the written model does not reproduce the pruned one (max |Δ| = "
@@ -507,7 +529,7 @@ def _prune(mf: ModelFile, recipe: Recipe, method: Method, model: nn.Module, grou
     when the run fails before its first checkpoint (nothing to resume)."""
     ctx = RunContext(device=device, loss=None if mf.is_lm else mf.checked_loss, progress=progress.bars,
                      lines=progress.line, graph=graph)
-    if not method.multishot:  # one pass: nothing to checkpoint
+    if not method.multishot or distributed.world_size() > 1:  # one pass, or several processes: no checkpoints
         return run_pruning(model, recipe, groups, calib, ctx)
     work = work_dir(out)
     start_work(work, run_inputs(mf, recipe, model, calib), resume)

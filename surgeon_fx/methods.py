@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from surgeon_fx.graph import DependencyGraph
@@ -29,6 +31,8 @@ from surgeon_fx.layers import is_linear, matrix_kind
 from surgeon_fx.passes.curvature import collect_kfac, default_layers
 from surgeon_fx.passes.flap import flap
 from surgeon_fx.passes.rewrite import ShrinkPlan
+from surgeon_fx.passes.factor_store import FactorStore
+from surgeon_fx.passes.offload import offloaded
 from surgeon_fx.passes.sequential import find_blocks
 from surgeon_fx.passes.slicegpt import SliceError, residual_group, slice_residual
 from surgeon_fx.passes.sparsegpt import sparsegpt
@@ -95,13 +99,30 @@ def surgeon_config(recipe: Recipe, curvature: str) -> SurgeonConfig:
                          lora_rank=recipe.lora_rank, seed=recipe.seed)
 
 
+def collect_factors(model: nn.Module, windows: Any, *, recipe: Recipe, layers: list[str], ctx: RunContext):
+    """One shot's KFAC factors, kept off the compute device: in files under `recipe.offload_dir` when given,
+    else in CPU memory when the device is not the CPU or the model is offloaded (on a CPU run without
+    offloading, a plain dict).  `recipe.factor_memory` (GiB) bounds the accumulators alive at once;
+    `recipe.offload_model` runs the passes with accelerate's offloading (`passes.offload`)."""
+    off_device = recipe.offload_model or torch.device(ctx.device).type != "cpu"
+    store = FactorStore(recipe.offload_dir) if recipe.offload_dir else FactorStore() if off_device else None
+    budget = None if recipe.factor_memory is None else int(recipe.factor_memory * 2**30)
+    with running(model, recipe, ctx.device):
+        return collect_kfac(model, windows, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,
+                            batch_size=recipe.batch_size, device=ctx.device, loss_fn=ctx.loss, progress=ctx.progress,
+                            seed=recipe.seed, store=store, max_factor_bytes=budget)
+
+
+def running(model: nn.Module, recipe: Recipe, device):
+    """Context in which the model runs on `device`: accelerate offloading with `recipe.offload_model`."""
+    return offloaded(model, device) if recipe.offload_model else nullcontext(model)
+
+
 def _multishot(curvature: str, model: nn.Module, recipe: Recipe, groups: list[Group], calib: Any,
                ctx: RunContext) -> Outcome:
     groups_or_none = groups if recipe.structure.structured else None
-    collect = ctx.collect_curvature or partial(
-        collect_kfac, layers=pruned_layers(model, groups_or_none), fisher=recipe.fisher,
-        fisher_approx=recipe.fisher_approx, batch_size=recipe.batch_size, device=ctx.device, loss_fn=ctx.loss,
-        progress=ctx.progress, seed=recipe.seed)
+    collect = ctx.collect_curvature or partial(collect_factors, recipe=recipe,
+                                               layers=pruned_layers(model, groups_or_none), ctx=ctx)
     tell = ctx.lines or (lambda text: None)
     passes = itertools.count(1)
 
@@ -117,7 +138,7 @@ def _multishot(curvature: str, model: nn.Module, recipe: Recipe, groups: list[Gr
             ctx.on_shot(log.shot, recipe.shots)
 
     result = prune(model, calib, groups_or_none, surgeon_config(recipe, curvature), collect_curvature=collect_and_tell,
-                   checkpoint_dir=ctx.checkpoint_dir, progress=on_log)
+                   checkpoint_dir=ctx.checkpoint_dir, progress=on_log, device=ctx.device)
     return Outcome(result.masks, result.removed, [asdict(log) for log in result.logs])
 
 

@@ -41,7 +41,8 @@ def checked_value(key: str, want: str, value, origin: str):
         if not math.isfinite(value):
             raise RecipeError(f"{origin}: {key} must be a finite number, got {value}")
         return float(value)
-    if (base == "int" and number and isinstance(value, int)) or (base == "str" and isinstance(value, str)):
+    if (base == "int" and number and isinstance(value, int)) or (base == "str" and isinstance(value, str)) or \
+            (base == "bool" and isinstance(value, bool)):
         return value
     raise RecipeError(f"{origin}: {key} must be {base}, got {value!r}")
 
@@ -71,6 +72,9 @@ class Recipe:
     lora_rank: int = 0
     damp_a: float = 0.01
     damp_g: float | None = None
+    offload_dir: str | None = None
+    offload_model: bool = False
+    factor_memory: float | None = None
 
     def __post_init__(self):
         try:
@@ -136,6 +140,8 @@ class Recipe:
         if self.eval_windows is not None and self.eval_windows < 1:
             raise RecipeError(f"eval_windows must be at least 1 (leave it out to evaluate on every window), "
                               f"got {self.eval_windows}")
+        if self.factor_memory is not None and self.factor_memory <= 0:
+            raise RecipeError(f"factor_memory must be a positive number of GiB, got {self.factor_memory:g}")
         if self.lora_rank < 0:
             raise RecipeError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
         for key, value in {"damp_a": self.damp_a, "damp_g": self.damp_g}.items():

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"groups", "spaces", "rules", "trace", "graph", "data", "evaluate", "layers", "structure"}
 PIPELINE = {"compile", "emit", "loader", "report", "recipe", "methods", "modelfile", "hf", "zoo", "speed",
-            "hf_export", "modeling_surgeon", "progress", "cache"}
+            "hf_export", "modeling_surgeon", "progress", "cache", "distributed"}
 CLI = {"cli"}
 RANK = {"core": 0, "passes": 1, "pipeline": 2, "cli": 3}
 # The one upward import: `surgeon_fx.load` is resolved on first use by the package's __getattr__ (lazy API).

@@ -1,0 +1,55 @@
+"""Where Kronecker factors wait between collection and the shot: off the compute device.
+
+A structured shot reads each layer's factors twice (once to price units, once to update the layer) and works
+on one layer at a time, so the factors of the other layers need not sit on the GPU.  `FactorStore` keeps them
+
+* in CPU memory (`folder=None`): float32 A [in', in'] and G [out, out] per layer, nothing float64;
+* or in one file per layer under `folder` (`torch.save`, read back memory-mapped), when CPU memory is short too.
+
+It is a read-only mapping name → `KronFactors` (tensors on the CPU) with `put` to add a layer; the driver moves a
+layer's factors to its compute device when it needs them and drops them after.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from surgeon_fx.passes.curvature import KronFactors
+
+
+class FactorStore(Mapping):
+    """name → KronFactors kept on the CPU (`folder` None) or in `folder/<index>.pt` files (`folder` given)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._items: dict[str, KronFactors | Path] = {}
+
+    def put(self, name: str, factors: KronFactors) -> None:
+        """Store one layer's factors (copied to the CPU, or written to a file and not kept in memory)."""
+        A, G = factors.A.detach().to("cpu"), factors.G.detach().to("cpu")
+        if self.folder is None:
+            self._items[name] = KronFactors(A, G, factors.tokens)
+            return
+        path = self._items.get(name) or self.folder / f"{len(self._items)}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"name": name, "A": A, "G": G, "tokens": factors.tokens}, tmp)
+        os.replace(tmp, path)
+        self._items[name] = path
+
+    def __getitem__(self, name: str) -> KronFactors:
+        item = self._items[name]
+        if isinstance(item, KronFactors):
+            return item
+        data = torch.load(item, weights_only=True, mmap=True)
+        return KronFactors(data["A"], data["G"], data["tokens"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
