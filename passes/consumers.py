@@ -1,11 +1,11 @@
-"""What the structured peers (FLAP, Wanda-sp) read off the groups: the consumer columns and size of each unit.
+"""What the structured peers (FLAP, Wanda-sp) read off the groups: the consumer columns of each unit.
 
 A unit's *consumer columns* are the input columns it owns in linear layers (the columns of o_proj a head
 feeds, the column of down_proj a neuron feeds): `blocks.unit_blocks` with every linear layer as a curved
 layer, columns in the [out, in] orientation of `sequential.weight_out_in`.  Scores of both peers are functions
-of those columns and of the consumer's input statistics.  A unit's *size* is the number of parameters it
-removes alone (`Unit.numel` over parameters, each tied tensor under its first name), as the LLM Surgeon
-driver counts it, so every structured method meets the same target.
+of those columns and of the consumer's input statistics.  Unit sizes and the prunable count are
+`groups.unit_sizes` / `groups.prunable_count`, as the LLM Surgeon driver counts them, so every structured
+method meets the same target.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from surgeon_fx.groups import Group, Unit
+from surgeon_fx.groups import Group
 from surgeon_fx.passes.blocks import unit_blocks
 from surgeon_fx.layers import is_linear
 
@@ -30,20 +30,6 @@ def consumer_columns(model: nn.Module, groups: list[Group]) -> dict[str, list[di
             raise ValueError(f"group {g.name}: a unit feeds no linear layer (FLAP and Wanda-sp score the "
                              f"columns of the consumer layer)")
     return out
-
-
-def unit_sizes(model: nn.Module, groups: list[Group]) -> dict[str, list[int]]:
-    """group → parameters each unit removes on its own."""
-    params = dict(model.named_parameters())
-    shapes = {n: p.shape for n, p in params.items()}
-    return {g.name: [Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units]
-            for g in groups}
-
-
-def prunable_count(model: nn.Module, groups: list[Group]) -> int:
-    """Parameters some group touches (the denominator of a structured target)."""
-    params = dict(model.named_parameters())
-    return sum(params[p].numel() for p in {p for g in groups for p in g.params() if p in params})
 
 
 def kept_count(model: nn.Module, groups: list[Group], removed: dict[str, list[int] | set[int]]) -> int:

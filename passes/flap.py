@@ -27,9 +27,8 @@ import re
 import torch
 from torch import Tensor, nn
 
-from surgeon_fx.groups import Group
-from surgeon_fx.passes.consumers import (consumer_columns, kept_count, prunable_count, unit_sizes,
-                                         zero_units)
+from surgeon_fx.groups import Group, prunable_count, unit_sizes
+from surgeon_fx.passes.consumers import consumer_columns, kept_count, zero_units
 from surgeon_fx.passes.sequential import InputStats, run_blocks, weight_out_in
 from surgeon_fx.passes.threshold import select_units
 

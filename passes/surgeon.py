@@ -44,7 +44,7 @@ from surgeon_fx.passes.curvature import KronFactors, collect_kfac, default_layer
 from surgeon_fx.passes.lora import lora_correct
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from surgeon_fx.passes.update import remove_rows_cols, sweep_update
-from surgeon_fx.groups import Group, Unit, param_name
+from surgeon_fx.groups import Group, param_name, prunable_params, unit_sizes
 from surgeon_fx.structure import Structure
 
 UPDATES = ("correlated", "consumer", "none")
@@ -157,10 +157,8 @@ def prune(model: nn.Module, calib_windows: Tensor, groups: list[Group] | None, c
         blocks = {g.name: [unit_blocks(u, modules, curved) for u in g.units] for g in groups}
         touching = {name: [g for g in groups if any(name in b.rows or name in b.cols for b in blocks[g.name])]
                     for name in layers}
-        shapes = {n: p.shape for n, p in params.items()}
-        sizes = {g.name: [Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units]
-                 for g in groups}  # parameters only, each tied tensor under its first name
-        prunable = sorted({p for g in groups for p in g.params() if p in params})
+        sizes = unit_sizes(model, groups)  # parameters only, each tied tensor under its first name
+        prunable = prunable_params(model, groups)
     else:
         prunable = [param_name(name) for name in layers]
     n_prunable = sum(params[n].numel() for n in prunable)

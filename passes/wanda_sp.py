@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from surgeon_fx.groups import Group
-from surgeon_fx.passes.consumers import consumer_columns, prunable_count, unit_sizes, zero_units
+from surgeon_fx.groups import Group, prunable_count, unit_sizes
+from surgeon_fx.passes.consumers import consumer_columns, zero_units
 from surgeon_fx.passes.sequential import InputStats, run_blocks, weight_out_in
 from surgeon_fx.passes.wanda import wanda_scores
 
@@ -37,9 +37,8 @@ def unit_scores(W: dict[str, Tensor], norms: dict[str, Tensor], columns: list[di
 
 def removable(g: Group, n: int) -> int:
     """The largest count ≤ n that `g` may lose: at least `min_keep` units stay, the kept count a multiple."""
-    m = max(1, getattr(g, "multiple", 1))
-    floor = -(-max(1, g.min_keep) // m) * m
-    n = min(n, max(0, g.size - floor))
+    m = max(1, g.multiple)
+    n = min(n, max(0, g.size - g.floor))
     return g.size - m * math.ceil((g.size - n) / m)
 
 

@@ -26,7 +26,6 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,11 @@ from surgeon_fx.passes.rewrite import RewriteError, ShrinkPlan, shrink
 from surgeon_fx.passes.round_units import ROUNDED_KINDS, with_multiple
 from surgeon_fx.passes.surgeon import CheckpointMismatch
 from surgeon_fx import distributed, emit, report
-from surgeon_fx.cache import ResultCache, model_digest, tensor_digest
+from surgeon_fx.cache import ResultCache, model_digest
 from surgeon_fx.data import calibration_windows, digest, eval_windows, read_text, tokenize
 from surgeon_fx.evaluate import main_output as outputs, perplexity
 from surgeon_fx.graph import DependencyGraph, build_graph
-from surgeon_fx.groups import Group, Unit
+from surgeon_fx.groups import Group, prunable_count, prunable_params, unit_sizes
 from surgeon_fx.hf import drop_gguf_record
 from surgeon_fx.loader import LoadError, load
 from surgeon_fx.modelfile import ModelFile, ModelFileError, check_windows, sha256_of
@@ -217,16 +216,9 @@ def prunable_groups(graph: DependencyGraph, round_to: int) -> list[Group]:
 def smallest_target(model: nn.Module, groups: list[Group]) -> float:
     """The smallest fraction of the groups' parameters structured pruning can keep (every group at its
     floor: `min_keep` units, rounded up to its `multiple`)."""
-    params = dict(model.named_parameters())
-    shapes = {n: p.shape for n, p in params.items()}
-    total = sum(params[p].numel() for p in {p for g in groups for p in g.params() if p in params})
-    removable = 0
-    for g in groups:
-        m = max(1, g.multiple)
-        floor = -(-max(1, g.min_keep) // m) * m
-        sizes = sorted((Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units),
-                       reverse=True)
-        removable += sum(sizes[: max(0, g.size - floor)])
+    total = prunable_count(model, groups)
+    sizes = unit_sizes(model, groups)
+    removable = sum(sum(sorted(sizes[g.name], reverse=True)[: max(0, g.size - g.floor)]) for g in groups)
     return max(0, total - removable) / max(1, total)
 
 
@@ -365,8 +357,8 @@ def dense_evaluation(model: nn.Module, mf: ModelFile, data: Any, recipe: Recipe,
     Only token windows (a tensor) are cached; other models' batches are evaluated every time."""
     if cache is None or not isinstance(data, Tensor):
         return evaluate(model, mf, data, recipe, device, progress.bars)
-    key = tensor_digest([("model", model_digest(model)), ("windows", data), ("batch_size", recipe.batch_size),
-                         ("device", device.type)])
+    key = digest({"model": model_digest(model), "windows": data, "batch_size": recipe.batch_size,
+                  "device": device.type})
     found = cache.get("dense-eval", key)
     if found is not None:
         progress.line(f"evaluate dense: from the cache ({cache.path('dense-eval', key)})")
@@ -390,7 +382,7 @@ def run_inputs(mf: ModelFile, recipe: Recipe, model: nn.Module, calib: Any) -> d
     """Every input that shapes a checkpoint: the model file's sha256 (a Hugging Face folder: its config.json),
     a digest of the dense weights, a digest of the calibration data, and the recipe's options."""
     source = mf.path if mf.path is not None else mf.hf_path / "config.json"
-    return {"model file": sha256_of(source), "weights": digest(model.state_dict()),
+    return {"model file": sha256_of(source), "weights": model_digest(model),
             "calibration data": digest(calib),
             "options": {k: v for k, v in recipe.to_dict().items() if k not in NOT_SHAPING}}
 
@@ -612,7 +604,7 @@ def _report(mf, recipe, model, dense, dense_sizes, groups, removed, masks, shots
     params = dict(model.named_parameters())
     zeroed = 0 if groups else sum(int((~m).sum()) for m in masks.values())
     if groups:
-        names = {p for g in groups for p in g.params() if p in params}
+        names = prunable_params(model, groups)
         pr_after = sum(params[p].numel() for p in names)
         pr_before, note = sum(dense_sizes[p] for p in names), None
     else:

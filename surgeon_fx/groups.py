@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 def param_name(module: str, attr: str = "weight") -> str:
@@ -74,3 +75,30 @@ class Group:
 
     def params(self) -> set[str]:
         return {s.param for u in self.units for s in u.slices}
+
+    @property
+    def floor(self) -> int:
+        """The fewest units the group can keep: `min_keep`, rounded up to a multiple of `multiple`."""
+        m = max(1, self.multiple)
+        return -(-max(1, self.min_keep) // m) * m
+
+
+def prunable_params(model: nn.Module, groups: list[Group]) -> list[str]:
+    """Sorted names of the parameters some group touches (buffers left out; a tied tensor under its first name)."""
+    params = dict(model.named_parameters())
+    return sorted({p for g in groups for p in g.params() if p in params})
+
+
+def prunable_count(model: nn.Module, groups: list[Group]) -> int:
+    """Parameters some group touches (the denominator of a structured target)."""
+    params = dict(model.named_parameters())
+    return sum(params[p].numel() for p in prunable_params(model, groups))
+
+
+def unit_sizes(model: nn.Module, groups: list[Group]) -> dict[str, list[int]]:
+    """group → parameters each unit removes on its own (`Unit.numel` over its parameter slices; buffers left out,
+    each tied tensor under its first name)."""
+    params = dict(model.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    return {g.name: [Unit(tuple(s for s in u.slices if s.param in params)).numel(shapes) for u in g.units]
+            for g in groups}

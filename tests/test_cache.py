@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from surgeon_fx.cache import ResultCache, model_digest, tensor_digest
+from surgeon_fx.cache import ResultCache, model_digest
+from surgeon_fx.data import digest
 from surgeon_fx.compile import compile_model
 from surgeon_fx.hf import tiny_llama
 from surgeon_fx.modelfile import load_model_file
@@ -24,10 +25,10 @@ def test_digests_follow_every_weight_and_token():
     ids = torch.arange(20).reshape(2, 10)
     changed = ids.clone()
     changed[1, 9] = 0
-    assert tensor_digest([("w", ids)]) == tensor_digest([("w", ids.clone())])
-    assert tensor_digest([("w", ids)]) != tensor_digest([("w", changed)])
-    assert tensor_digest([("w", ids)]) != tensor_digest([("w", ids.reshape(4, 5))])
-    assert tensor_digest([("w", ids), ("b", 1)]) != tensor_digest([("w", ids), ("b", 2)])
+    assert digest({"w": ids}) == digest({"w": ids.clone()})
+    assert digest({"w": ids}) != digest({"w": changed})
+    assert digest({"w": ids}) != digest({"w": ids.reshape(4, 5)})
+    assert digest({"w": ids, "b": 1}) != digest({"w": ids, "b": 2})
 
 
 def test_entries_round_trip_and_a_broken_one_is_missing(tmp_path):

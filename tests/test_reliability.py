@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,32 +24,13 @@ from surgeon_fx.loader import LoadError
 from surgeon_fx.modelfile import load_model_file
 from surgeon_fx.recipe import Recipe, RecipeError
 from surgeon_fx.report import json_safe, write_report
-from tests.test_bad_inputs import only_line
+from tests.test_bad_inputs import MLP, only_line  # MLP: a model file with its own loss() (not an LM)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 LLAMA = str(MODELS / "tiny_llama.py")
 QUICK = ["--calib-windows", "2", "--calib-length", "16", "--eval-windows", "1"]
 MAGNITUDE = ["--structure", "unstructured", "--method", "magnitude", "--eval-windows", "1"]
-
-MLP = """
-import torch
-from torch import nn
-
-def build():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-
-def example_inputs():
-    return (torch.randn(2, 8),)
-
-def calibration(n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 8, generator=g),) for _ in range(n)]
-
-def loss(model, batch):
-    return model(batch[0]).pow(2).sum()
-"""
 
 
 def write(path: Path, text: str) -> Path:

@@ -8,7 +8,8 @@ import torch
 from surgeon_fx.evaluate import logits_of as _logits
 from surgeon_fx.graph import build_graph
 from surgeon_fx.hf import tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
-from surgeon_fx.passes.consumers import kept_count, prunable_count, unit_sizes
+from surgeon_fx.groups import prunable_count, unit_sizes
+from surgeon_fx.passes.consumers import kept_count
 from surgeon_fx.passes.flap import flap, fluctuation, standardised
 from surgeon_fx.passes.rewrite import apply_plan, shrink
 from surgeon_fx.passes.sequential import InputStats
