@@ -216,7 +216,8 @@ HUGGING_FACE = [
                                                      max_position_embeddings=64), ATTN),
     Arch("t5 (encoder-decoder)", "hf seq2seq", _hf("T5Config", "T5ForConditionalGeneration", _t5_inputs,
                                                    vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                                   num_heads=4, decoder_start_token_id=0), ATTN),
+                                                   num_heads=4, decoder_start_token_id=0),
+         frozenset({"heads", "neurons"})),  # no residual group: the encoder's last hidden state is an output
     Arch("wav2vec2 (speech encoder)", "hf speech", _hf(
         "Wav2Vec2Config", "Wav2Vec2Model", _wav2vec2_inputs, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
