@@ -52,6 +52,14 @@ def source_note(source: str) -> str:
     return f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
 
 
+def shown(text: str) -> str:
+    """A recorded source path as the table shows it: the standard library as `<stdlib>`, the data folder as
+    `../shared/data` (the records keep the full paths of the machine that ran)."""
+    for full, short in ((str(STDLIB), "<stdlib>"), (str(data_file("")), "../shared/data/")):
+        text = text.replace(full.rstrip("/") + "/", short.rstrip("/") + "/")
+    return text.replace("/work/wt-users/../shared/data/", "../shared/data/")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=0.8)
@@ -125,8 +133,8 @@ def write_table() -> None:
     recipe = first["recipe"]
     lines = ["# Task-specific compression: calibrate on code or on English, evaluate on both", "",
              f"SmolLM2-135M, LLM Surgeon, {recipe['structure']}, {recipe['target']:g} of the prunable parameters "
-             f"kept ({recipe['shots']} shots, `{recipe['update']}` update); perplexity (lower is better).  "
-             f"Rows: calibration text; columns: evaluation text.", "",
+             f"kept ({recipe['shots']} shot{'s' if recipe['shots'] > 1 else ''}, `{recipe['update']}` update); "
+             f"perplexity (lower is better).  Rows: calibration text; columns: evaluation text.", "",
              "| calibrated on | " + " | ".join(f"PPL on {LABELS[k]}" for k in EVALUATION) + " | params | prune (s) |",
              "|---|" + "---|" * len(EVALUATION) + "---|---|",
              "| dense (not pruned) | " + " | ".join(f"{dense['ppl'][k]:.2f}" for k in EVALUATION)
@@ -135,18 +143,29 @@ def write_table() -> None:
         cells = [f"**{r['ppl'][k]:.2f}**" if k == c else f"{r['ppl'][k]:.2f}" for k in EVALUATION]
         lines.append(f"| {LABELS[c]} | " + " | ".join(cells) + f" | {r['params_after'] / 1e6:.1f} M | "
                      f"{r['prune_s']:.0f} |")
-    lines += ["", "Bold: evaluated on the kind of text it was calibrated on.", "",
+    lines += ["", "Bold: evaluated on the kind of text it was calibrated on."]
+    if len(runs) == len(CALIBRATION):
+        gain = {k: runs[c]["ppl"][k] for c in runs for k in EVALUATION if k != c}
+        lines += ["", "Each pruned model is best on the kind of text it was calibrated on: "
+                  + "; ".join(f"on {LABELS[k]} {runs[k]['ppl'][k]:.2f} calibrated on it against {gain[k]:.2f} "
+                              f"calibrated on the other text (dense {dense['ppl'][k]:.2f})" for k in EVALUATION)
+                  + ".  The same parameter budget is spent on what the calibration text uses: the paper's "
+                  "task-specific result, here with data that ships with Python and WikiText-2."]
+    lines += ["",
               "![perplexity by calibration and evaluation text](task_specific.png)", "", "## Setup", ""]
     lines += [f"- Calibration ({LABELS[c]}): {r['calibration_windows'][0]} random windows x "
-              f"{r['calibration_windows'][1]} tokens (seed 0) of {r['calibration_source']}, "
+              f"{r['calibration_windows'][1]} tokens (seed 0) of {shown(r['calibration_source'])}, "
               f"{r['calibration_tokens']:,} tokens in all" for c, r in runs.items()]
-    lines += [f"- Evaluation ({LABELS[k]}): {first['evaluation'][k]}" for k in EVALUATION]
+    lines += [f"- Evaluation ({LABELS[k]}): {shown(first['evaluation'][k])}" for k in EVALUATION]
+    lines += [f"- `<stdlib>` = the standard library of the Python that ran ({shown(str(STDLIB))} here)."]
     lines += ["- Code split: the standard library's top-level modules, `[a-m]*.py` for calibration and `[n-z]*.py` "
               "for evaluation (disjoint files; the Python that ran, see below).",
               f"- Model: {first['model']}.",
               f"- Machine: {envs[0]['cpus']} CPUs ({envs[0]['os']}), Python {envs[0]['python']}, torch "
-              f"{envs[0]['torch']}; shared with other jobs (load average at the start of the last run "
-              f"{', '.join(f'{x:.1f}' for x in first['load_average_at_start'])}), so times are upper bounds.",
+              f"{envs[0]['torch']}; load average when the script that made each row started: "
+              + "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in r['load_average_at_start'])}"
+                          for name, r in {"dense": dense, **runs}.items())
+              + " (times are wall clock at that load).",
               f"- Commits: {', '.join(sorted({e['git_commit'] for e in envs}))}; dates: "
               f"{', '.join(sorted({e['date'][:10] for e in envs}))}.",
               "- Command: `python bench/task_specific.py` (runs land in `docs/results/task_specific/`).", ""]
@@ -173,7 +192,7 @@ def plot(dense: dict, runs: dict, path: Path) -> None:
     ax.set_xticks(range(len(EVALUATION)), [f"evaluated on {LABELS[k]}" for k in EVALUATION])
     ax.set_ylabel("perplexity")
     ax.set_title("SmolLM2-135M, LLM Surgeon structured 0.8")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, markerscale=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -27,8 +27,8 @@ weights to zero in dense tensors.
 
 The output folder (--out) gets model.safetensors, manifest.json (how to rebuild the module tree),
 report.md / report.json with kept-fraction plots, for Hugging Face models an hf/ folder that
-AutoModelForCausalLM.from_pretrained loads when every layer keeps the same widths, and source/ (a copy of
-MODEL).  Load the result with surgeon_fx.load(OUT) (add trust_source=True for a model that is not a Hugging
+AutoModelForCausalLM.from_pretrained loads (with trust_remote_code=True when layers keep different widths:
+the folder then carries its modeling file), and source/ (a copy of MODEL).  Load the result with surgeon_fx.load(OUT) (add trust_source=True for a model that is not a Hugging
 Face one: loading runs its model file).  It is written to a temporary folder and renamed when complete; on any
 error nothing is written, and two runs never write the same --out at once."""
 EPILOG = """\
