@@ -18,6 +18,7 @@ that are not finite are rejected, naming the first bad parameter.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import resource
@@ -97,6 +98,17 @@ def peak_rss_mb() -> float:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+def release_free_memory() -> None:
+    """Hand the heap pages that earlier work freed back to the OS (glibc `malloc_trim(0)`): tensors below glibc's
+    mmap threshold live on the heap, and without this a stage starts with every page a finished stage freed
+    still resident (≈ 0.5 GB after SmolLM2's dense evaluation).  A no-op where the C library has no
+    malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> None:
     """Start a new peak of `peak_rss_mb` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere a
     no-op, and the peak stays the process's)."""
@@ -119,6 +131,7 @@ class Stages:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        release_free_memory()
         reset_peak_rss()
         start = time.perf_counter()
         yield

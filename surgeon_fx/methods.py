@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from surgeon_fx.graph import DependencyGraph
@@ -100,12 +99,11 @@ def surgeon_config(recipe: Recipe, curvature: str) -> SurgeonConfig:
 
 
 def collect_factors(model: nn.Module, windows: Any, *, recipe: Recipe, layers: list[str], ctx: RunContext):
-    """One shot's KFAC factors, kept off the compute device: in files under `recipe.offload_dir` when given,
-    else in CPU memory when the device is not the CPU or the model is offloaded (on a CPU run without
-    offloading, a plain dict).  `recipe.factor_memory` (GiB) bounds the accumulators alive at once;
-    `recipe.offload_model` runs the passes with accelerate's offloading (`passes.offload`)."""
-    off_device = recipe.offload_model or torch.device(ctx.device).type != "cpu"
-    store = FactorStore(recipe.offload_dir) if recipe.offload_dir else FactorStore() if off_device else None
+    """One shot's KFAC factors in a `FactorStore` (packed lower triangles, off the compute device): in files
+    under `recipe.offload_dir` when given, else in CPU memory.  `recipe.factor_memory` (GiB) bounds the
+    accumulators alive at once; `recipe.offload_model` runs the passes with accelerate's offloading
+    (`passes.offload`)."""
+    store = FactorStore(recipe.offload_dir)
     budget = None if recipe.factor_memory is None else int(recipe.factor_memory * 2**30)
     with running(model, recipe, ctx.device):
         return collect_kfac(model, windows, layers=layers, fisher=recipe.fisher, fisher_approx=recipe.fisher_approx,

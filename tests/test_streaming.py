@@ -110,6 +110,7 @@ def test_chunked_collection_and_store_give_the_same_factors(tmp_path):
         for other in (chunked[name], on_disk[name]):
             assert torch.equal(f.A, other.A) and torch.equal(f.G, other.G) and f.tokens == other.tokens
             assert other.A.device.type == "cpu"
+        assert torch.equal(f.A, f.A.T) and torch.equal(f.G, f.G.T)  # exactly symmetric: the store packs them
 
 
 def test_chunks_respect_the_bound():
@@ -123,3 +124,35 @@ def test_chunks_respect_the_bound():
     chunks = _chunks(names, modules, 4, bound)
     assert [n for c in chunks for n in c] == names and len(chunks) > 1
     assert all(sum(need[n] for n in c) <= bound for c in chunks)
+
+
+def test_lower_gram_keeps_only_the_blocks_on_and_below_the_diagonal():
+    from surgeon_fx.passes.curvature import LowerGram
+
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(9, 600, generator=gen, dtype=torch.float64), torch.randn(5, 600, generator=gen,
+                                                                                 dtype=torch.float64)
+    acc = LowerGram(600, "cpu", torch.float64).add_gram_(x1)
+    twin = acc.clone().add_gram_(x2)
+    full = twin.full()
+    torch.testing.assert_close(full, x1.T @ x1 + x2.T @ x2)
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(acc.full(), x1.T @ x1)  # the clone has its own buffer
+    assert acc.flat.numel() == 3 * 256 ** 2 + 2 * 88 * 256 + 88 ** 2 < 0.7 * 600 ** 2
+
+
+def test_store_keeps_half_of_each_symmetric_factor_and_returns_it_exactly(tmp_path):
+    from surgeon_fx.passes.curvature import KronFactors
+    from surgeon_fx.passes.factor_store import pack, unpack
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 64, generator=gen)
+    A, G = X.T @ X, torch.randn(8, 8, generator=gen)  # G not symmetric: kept whole
+    assert pack(A).numel() == 64 * 65 // 2 and torch.equal(unpack(pack(A)), A) and pack(G) is G
+    for store in (FactorStore(), FactorStore(tmp_path / "f")):
+        store.put("layer", KronFactors(A, G, 40))
+        got = store["layer"]
+        assert torch.equal(got.A, A) and torch.equal(got.G, G) and got.tokens == 40
+    full = tmp_path / "full.pt"
+    torch.save({"A": A, "G": G}, full)
+    assert (tmp_path / "f" / "0.pt").stat().st_size < 0.6 * full.stat().st_size
