@@ -203,7 +203,7 @@ def section_structured(device, smoke: bool) -> list[dict]:
                              "heads": cfg["num_attention_heads"], "case": f"forward b{b} s{s}", **r,
                              "ideal_linear": ideal["linear"], "ideal_matmul": ideal["matmul"],
                              "efficiency_linear": r["speedup"] / ideal["linear"]})
-            del small
+            small = None  # free the pruned model before the next shape
     return rows
 
 

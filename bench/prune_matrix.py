@@ -274,7 +274,7 @@ def write_table(out: Path) -> None:
     order = {"surgeon": 0, "sparsegpt": 1, "wanda": 2, "slicegpt": 3, "flap": 4, "flap-kind": 5, "wanda-sp": 6,
              "k-obd": 7, "l-obd": 8, "magnitude": 9}
     runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
-    lines = [f"# Pruning SmolLM2-135M: method × structure × target", "",
+    lines = ["# Pruning SmolLM2-135M: method × structure × target", "",
              f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",
              f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}",
              f"- Evaluation: {runs[0]['evaluation']}",

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon_fx.compile import peak_rss_mb, prunable_groups, reset_peak_rss  # noqa: E402
+from surgeon_fx.compile import peak_rss_mb, prunable_groups, release_free_memory, reset_peak_rss  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.passes.curvature import collect_kfac  # noqa: E402
 from surgeon_fx.passes.factor_store import FactorStore  # noqa: E402
@@ -76,6 +76,7 @@ def stage(row: dict, name: str, device: torch.device):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    release_free_memory()
     reset_peak_rss()
     t0 = time.perf_counter()
     yield
@@ -116,11 +117,11 @@ def run_case(case: dict, device: torch.device, factor_memory: float | None) -> d
         with offloaded(model, device) if case["offload"] else nullcontext():
             factors = collect_kfac(model, calib, layers, device=device, store=FactorStore(), max_factor_bytes=budget,
                                    progress=False)
-    row["factor_gib"] = sum(f.A.numel() + f.G.numel() for f in factors.values()) * 4 / 2**30
+    row["factor_gib"] = factors.stored_bytes() / 2**30  # packed lower triangles, float32
     with stage(row, "shot", device):
         result = prune(model, calib, groups, SurgeonConfig(structure="structured", target=0.8, shots=1),
                        collect_curvature=lambda m, w: factors, device=device)
-    del factors
+    factors = None  # the stored factors are freed before the rewrite
     row["achieved"] = result.logs[-1].achieved
     with stage(row, "rewrite", device):
         shrink(model, graph, result.removed)

@@ -75,6 +75,16 @@ class FactorStore(Mapping):
         data = torch.load(item, weights_only=True, mmap=True)
         return KronFactors(unpack(data["A"]), unpack(data["G"]), data["tokens"])
 
+    def stored_bytes(self) -> int:
+        """Bytes the stored factors take (in memory, or in their files): packed, so about half of d² per factor."""
+        total = 0
+        for item in self._items.values():
+            if isinstance(item, KronFactors):
+                total += item.A.nbytes + item.G.nbytes
+            else:
+                total += item.stat().st_size
+        return total
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

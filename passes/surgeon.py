@@ -49,6 +49,7 @@ from surgeon_fx.structure import Structure
 
 UPDATES = ("correlated", "consumer", "none")
 CHECKPOINT = "surgeon_state.pt"
+SELECT_ROUNDS = 8  # selections per structured shot at most (see `_structured_shot`)
 
 
 class CheckpointMismatch(ValueError):
@@ -270,9 +271,12 @@ def _structured_shot(modules, layers, factors, groups, blocks, touching, sizes, 
                      config: SurgeonConfig, kept_target: int, device) -> float:
     """Structured shot, one layer at a time: price units, select, update each changed layer, mask every slice.
 
-    Returns the cost.  Unit sizes are `Unit.numel` (entries shared with units of other groups are counted
-    again); the number to remove is taken from the actual masks each shot, so such an overshoot is corrected by
-    the next shot.  touching: layer → the groups with a unit holding rows or columns of it.
+    Returns the cost.  Unit sizes are `Unit.numel`, which counts again the entries a unit shares with units of
+    other groups (a KV head holds the slices of its query heads, which the query-head group holds too), so one
+    selection can remove less than asked.  Selection therefore repeats, each round asked for what the masks
+    still lack, until it lands (at most `SELECT_ROUNDS` rounds; sizes only over-count, so a round never
+    overshoots by more than `select_units` allows).  touching: layer → the groups with a unit holding rows or
+    columns of it.
     """
     costs = {g.name: torch.zeros(len(g.units), dtype=torch.float64, device=device) for g in groups}
     for name in layers:
@@ -286,16 +290,20 @@ def _structured_shot(modules, layers, factors, groups, blocks, touching, sizes, 
     for g in groups:
         size = torch.tensor(sizes[g.name], dtype=torch.float64, device=costs[g.name].device).clamp_min(1)
         scores[g.name] = costs[g.name] / size if config.per_param else costs[g.name]
-    kept_now = sum(int(m.sum()) for m in state.masks.values())
-    new = select_units(scores, sizes, {g: set(v) for g, v in state.removed.items()}, kept_now - kept_target,
-                       {g.name: g.min_keep for g in groups}, {g.name: getattr(g, "multiple", 1) for g in groups})
-    cost = sum(float(costs[g][u]) for g, units in new.items() for u in units)
-    for g in groups:
-        state.removed[g.name].extend(new[g.name])
-        for u in new[g.name]:
-            for s in g.units[u].slices:
-                if s.param in state.masks:
-                    state.masks[s.param].index_fill_(s.dim, s.index.to(state.masks[s.param].device), False)
+    cost = 0.0
+    for _ in range(SELECT_ROUNDS):
+        kept_now = sum(int(m.sum()) for m in state.masks.values())
+        new = select_units(scores, sizes, {g: set(v) for g, v in state.removed.items()}, kept_now - kept_target,
+                           {g.name: g.min_keep for g in groups}, {g.name: g.multiple for g in groups})
+        if not any(new.values()):
+            break
+        cost += sum(float(costs[g][u]) for g, units in new.items() for u in units)
+        for g in groups:
+            state.removed[g.name].extend(new[g.name])
+            for u in new[g.name]:
+                for s in g.units[u].slices:
+                    if s.param in state.masks:
+                        state.masks[s.param].index_fill_(s.dim, s.index.to(state.masks[s.param].device), False)
     curved = config.update != "none" and not is_diagonal(config.curvature)
     for name in layers:
         rows, cols = _removed_blocks(name, groups, blocks, state.removed)

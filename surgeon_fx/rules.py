@@ -330,7 +330,7 @@ def attention(b, node, args):
         b.freeze(d, node, "inside-head dimension")
     if len(args) > 3 and args[3] is not None:
         mask = args[3]
-        mshape, oshape = b.shape(node.args[3]), b.shape(node)
+        mshape = b.shape(node.args[3])
         for kk in range(1, len(mask) + 1):
             if mshape[-kk] != 1:
                 b.union(mask[-kk], (k[-2] if kk == 1 else out[-kk]), node)

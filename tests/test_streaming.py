@@ -153,6 +153,10 @@ def test_store_keeps_half_of_each_symmetric_factor_and_returns_it_exactly(tmp_pa
         store.put("layer", KronFactors(A, G, 40))
         got = store["layer"]
         assert torch.equal(got.A, A) and torch.equal(got.G, G) and got.tokens == 40
+    assert store.stored_bytes() == (tmp_path / "f" / "0.pt").stat().st_size
+    in_memory = FactorStore()
+    in_memory.put("layer", KronFactors(A, G, 40))
+    assert in_memory.stored_bytes() == 4 * (64 * 65 // 2 + 8 * 8)
     full = tmp_path / "full.pt"
     torch.save({"A": A, "G": G}, full)
     assert (tmp_path / "f" / "0.pt").stat().st_size < 0.6 * full.stat().st_size
