@@ -198,10 +198,12 @@ def report(files: list[Path], md: Path) -> None:
     lines = []
     for f, run in zip(files, runs):
         m = run["meta"]
+        bound = (f"bounded to {m['factor_memory_gib']} GiB" if m["factor_memory_gib"] is not None
+                 else "not bounded (every layer at once)")
         lines += [f"### {f.name}: {m['device']} ({m['cpus']} CPUs), torch {m['torch']}, commit {m['commit']}, "
                   f"{m['date']}", "",
                   f"Weights: **{m['weights']}**; structured, target {m['target']}, {m['shots']} shot; factor "
-                  f"accumulators bounded to {m['factor_memory_gib']} GiB.", "",
+                  f"accumulators {bound}.", "",
                   "| case | dtype | params | kept | " + " | ".join(f"{s} s" for s in STAGES)
                   + " | total s | peak GPU GiB | peak RSS GiB | factors GiB |",
                   "|---" * (len(STAGES) + 8) + "|"]

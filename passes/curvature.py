@@ -253,7 +253,9 @@ def _losses(model, batch, fisher: str, samples: int, loss_fn, gen: torch.Generat
         return
     logits = _logits(model(batch))
     vocab = logits.shape[-1]
-    yield F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), batch[:, 1:].reshape(-1), reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), batch[:, 1:].reshape(-1), reduction="sum")
+    del logits  # the loss keeps what its backward needs; holding the logits here too costs a window's worth
+    yield loss
 
 
 def collect_kfac(model: nn.Module, windows: Tensor | Iterable, layers: list[str] | None = None,
