@@ -6,7 +6,9 @@
 
 Structured pruning to `--target` (default 0.9) of the prunable parameters; data as in `bench/prune_matrix.py`
 (calibration windows of wikitext-2 valid.txt, seed 0; the first `--eval-windows` 2048-token windows of
-wikitext-2-raw wiki.test.raw).  The dense model's KFAC factors of each calibration size are cached beside the
+wikitext-2-raw wiki.test.raw, or with `--split valid` the first 2048-token windows of valid.txt that share no
+token with the 32 × 512 calibration windows: the held-out text on which settings are chosen, so only the
+32 × 512 variants run there).  The dense model's KFAC factors of each calibration size are cached beside the
 matrix's, so every one-shot variant of a size shares them; later shots re-estimate on the pruned model.
 Each variant is written to docs/results/surgeon_ablation/<name>.json as it finishes.
 """
@@ -26,7 +28,7 @@ from bench.prune_matrix import CACHE, DATA, PeakRSS, dense_factors, machine, sha
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers  # noqa: E402
 from surgeon_fx.compile import prunable_groups  # noqa: E402
-from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize  # noqa: E402
+from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize, validation_windows  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
@@ -46,12 +48,22 @@ VARIANTS = {
     "correlated-calib32": ({"update": "correlated"}, 32),
     "consumer-calib32": ({"update": "consumer"}, 32),
     "consumer-damp0.1-calib32": ({"update": "consumer", "damp_a": 0.1}, 32),
+    "consumer-damp0.001-calib32": ({"update": "consumer", "damp_a": 0.001}, 32),
     "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
     "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
 }
 
 
-def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float) -> dict:
+VALID_CALIB = 32  # validation windows are disjoint from the 32 x 512 calibration windows
+TEXTS = {"test": "wikitext-2-raw wiki.test.raw",
+         "valid": f"wikitext-2 valid.txt disjoint from the {VALID_CALIB} x 512 calibration windows"}
+
+
+def record_path(name: str, target: float, split: str) -> Path:
+    return RESULTS / f"{name}_{target:g}{'_valid' if split == 'valid' else ''}.json"
+
+
+def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float, split: str) -> dict:
     options, n_calib = VARIANTS[name]
     calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), n_calib, 512, seed=0)
     factors = dense_factors(model, calib, graph, CACHE / f"dense_factors_{n_calib}x512.pt")
@@ -68,19 +80,20 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
     return {"name": name, "options": options, "calibration": f"{n_calib} x 512 tokens", "target": target,
             "shots": config.shots, "ppl": perplexity(pruned, evals).ppl, "prune_s": seconds,
             "peak_rss_mib": rss.peak, "params": sum(p.numel() for p in pruned.parameters()),
-            "evaluation": f"first {len(evals)} x 2048-token windows of wikitext-2-raw wiki.test.raw",
+            "evaluation": f"first {len(evals)} x 2048-token windows of {TEXTS[split]}", "split": split,
             "machine": machine()}
 
 
 def write_table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     order = list(VARIANTS)
-    rows.sort(key=lambda r: (-r["target"], int(r["calibration"].split()[0]),
+    rows.sort(key=lambda r: (r.get("split", "test") == "test", -r["target"], int(r["calibration"].split()[0]),
                              order.index(r["name"]) if r["name"] in order else len(order)))
     lines = ["# LLM Surgeon on SmolLM2-135M: update, damping, calibration and shots", "",
              "Structured pruning (heads and MLP neurons) of SmolLM2-135M; calibration windows of 512 tokens from "
-             "wikitext-2 valid.txt (seed 0); perplexity on the first windows of wikitext-2-raw wiki.test.raw "
-             "(column `eval`). Command: `python bench/surgeon_ablation.py`; each row's machine and commit are in "
+             "wikitext-2 valid.txt (seed 0); perplexity (column `eval`) on the first 2048-token windows of "
+             "wikitext-2-raw wiki.test.raw (`test`) or, where settings are chosen, of valid.txt windows that share "
+             "no token with the 32 x 512 calibration windows (`valid`, `--split valid`). Command: `python bench/surgeon_ablation.py`; each row's machine and commit are in "
              "`surgeon_ablation/<name>.json`. Damping is relative (× mean diagonal); the defaults are 0.01 for "
              "both factors. `correlated` updates producers (rows, via G) and consumers (columns, via A) of every "
              "removed unit; `consumer` only the consumers; `none` zeroes the removed units. `commit` is HEAD when the "
@@ -92,9 +105,23 @@ def write_table() -> None:
         update = "none (K-OBD: diagonal costs)" if o.get("curvature") == "diag_ga" else o.get("update", "correlated")
         lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
                      f"{o.get('damp_a', 0.01):g} | {o.get('damp_g', 0.01):g} | {r['calibration']} | {r['shots']} | "
-                     f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} windows | "
+                     f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} {r.get('split', 'test')} | "
                      f"{r['prune_s']:.0f} | {r['machine']['commit']} |")
+    lines += chosen_on_validation(rows)
     (ROOT / "docs/results/surgeon_ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def chosen_on_validation(rows: list[dict]) -> list[str]:
+    """Per target, the variant with the lowest perplexity on the validation windows (`--split valid` rows)."""
+    out = []
+    for target in sorted({r["target"] for r in rows if r.get("split") == "valid"}, reverse=True):
+        valid = sorted((r for r in rows if r.get("split") == "valid" and r["target"] == target),
+                       key=lambda r: r["ppl"])
+        ranked = ", ".join(f"{r['name']} {r['ppl']:.2f}" for r in valid)
+        out += ["", f"**Chosen on validation text, target {target:g}: {valid[0]['name']}** (PPL on the "
+                f"{valid[0]['evaluation'].split(' x ')[0].replace('first ', '')} validation windows, best first: "
+                f"{ranked})."]
+    return out
 
 
 def main() -> None:
@@ -102,19 +129,27 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS))
+    ap.add_argument("--split", choices=("test", "valid"), default="test")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = [n for n in (args.only or VARIANTS) if not (RESULTS / f"{n}_{args.target:g}.json").exists()]
+    names = args.only or [n for n in VARIANTS if args.split == "test" or VARIANTS[n][1] == VALID_CALIB]
+    if args.split == "valid" and any(VARIANTS[n][1] != VALID_CALIB for n in names):
+        raise SystemExit(f"--split valid runs only the {VALID_CALIB} x 512 variants (its windows avoid those)")
+    todo = [n for n in names if not record_path(n, args.target, args.split).exists()]
     if todo and not args.table:
         model, tokenizer = load_smollm2()
-        evals = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
-                             limit=args.eval_windows)
+        if args.split == "valid":
+            evals = validation_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), 2048,
+                                       VALID_CALIB, 512, seed=0, limit=args.eval_windows)
+        else:
+            evals = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
+                                 limit=args.eval_windows)
         graph = build_graph(model, (evals[:1, :64],))
         groups = prunable_groups(graph, 1)
         for name in todo:
-            record = run_variant(name, model, tokenizer, graph, groups, evals, args.target)
-            (RESULTS / f"{name}_{args.target:g}.json").write_text(json.dumps(record, indent=1))
+            record = run_variant(name, model, tokenizer, graph, groups, evals, args.target, args.split)
+            record_path(name, args.target, args.split).write_text(json.dumps(record, indent=1))
             print(f"{name}: PPL {record['ppl']:.2f} ({record['prune_s']:.0f} s)", flush=True)
     write_table()
 
