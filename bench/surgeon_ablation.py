@@ -50,6 +50,7 @@ VARIANTS = {
     "consumer-damp0.1-calib32": ({"update": "consumer", "damp_a": 0.1}, 32),
     "consumer-damp0.001-calib32": ({"update": "consumer", "damp_a": 0.001}, 32),
     "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
+    "consumer-calib32-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 32),
     "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
 }
 
@@ -103,6 +104,8 @@ def write_table() -> None:
     for r in rows:
         o = r["options"]
         update = "none (K-OBD: diagonal costs)" if o.get("curvature") == "diag_ga" else o.get("update", "correlated")
+        if o.get("lora_rank"):
+            update += f" + LoRA rank {o['lora_rank']}, {o['lora_steps']} steps"
         lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
                      f"{o.get('damp_a', 0.01):g} | {o.get('damp_g', 0.01):g} | {r['calibration']} | {r['shots']} | "
                      f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} {r.get('split', 'test')} | "
