@@ -165,6 +165,9 @@ def main() -> None:
                          f"first {CHECK_WINDOWS} windows in float32 and records the relative error")
     ap.add_argument("--shots", type=int, default=1, help="shots for structured runs")
     ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
+    ap.add_argument("--lora-rank", type=int, default=0, help="low-rank corrections after each shot of the "
+                                                             "multi-shot methods (surgeon, k-obd, l-obd, magnitude)")
+    ap.add_argument("--lora-steps", type=int, default=20, help="Adam steps of those corrections per shot")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
     ap.add_argument("--out", type=Path, help="run folder (default docs/results/prune_matrix_<W>x<L>); the table "
                                              "is <out>.md, the plots <out>_<structure>/")
@@ -201,7 +204,8 @@ def main() -> None:
         where = "wikitext-2-raw wiki.test.raw"
     setup = {"calibration": f"{args.calib_windows} x {args.calib_length} tokens, wikitext-2 valid.txt, seed 0",
              "evaluation": f"first {len(evals)} x 2048-token windows of {where}",
-             "shots": {"structured": args.shots, "sparse": args.sparse_shots}, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
+             "shots": {"structured": args.shots, "sparse": args.sparse_shots},
+             "lora": {"rank": args.lora_rank, "steps": args.lora_steps} if args.lora_rank else None, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
     if not dense_file.exists():
         start = time.perf_counter()
@@ -218,7 +222,8 @@ def main() -> None:
         shots = args.shots if structure == "structured" else args.sparse_shots
         # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
         python_api = method == "slicegpt" or method in STRUCTURED_PEERS  # passes called directly
-        recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots)
+        recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots,
+                                                lora_rank=args.lora_rank, lora_steps=args.lora_steps)
         if recipe is not None:
             recipe.check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None
@@ -303,7 +308,9 @@ def write_table(out: Path) -> None:
     runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
     lines = ["# Pruning SmolLM2-135M: method × structure × target", "",
              f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",
-             f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}",
+             f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}"
+             + (f"; low-rank corrections after each shot: rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} "
+                "Adam steps on the calibration windows" if runs[0].get("lora") else ""),
              f"- Evaluation: {runs[0]['evaluation']}",
              f"- Machine: {runs[0]['machine']['platform']}, {runs[0]['machine']['cpus']} CPUs, torch "
              f"{runs[0]['machine']['torch']}; commits {sorted({r['machine']['commit'] for r in runs})}",

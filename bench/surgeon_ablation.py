@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.prune_matrix import CACHE, DATA, PeakRSS, dense_factors, machine, shared_first_shot  # noqa: E402
+from surgeon_fx.passes.lora import lora_correct  # noqa: E402
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.passes.surgeon import SurgeonConfig, prune, pruned_layers  # noqa: E402
 from surgeon_fx.compile import prunable_groups  # noqa: E402
@@ -51,6 +53,10 @@ VARIANTS = {
     "consumer-damp0.001-calib32": ({"update": "consumer", "damp_a": 0.001}, 32),
     "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
     "consumer-calib32-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 32),
+    # the references: the dense model, and the same corrections trained on it (how much of their gain is
+    # adaptation to the calibration text rather than repair of the pruning)
+    "dense": ({"dense": True}, 32),
+    "dense-lora8": ({"dense": True, "lora_rank": 8, "lora_steps": 32}, 32),
     "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
 }
 
@@ -61,6 +67,8 @@ TEXTS = {"test": "wikitext-2-raw wiki.test.raw",
 
 
 def record_path(name: str, target: float, split: str) -> Path:
+    """Where a variant's row is written (a dense control's target is 1: nothing is pruned)."""
+    target = 1.0 if VARIANTS[name][0].get("dense") else target
     return RESULTS / f"{name}_{target:g}{'_valid' if split == 'valid' else ''}.json"
 
 
@@ -72,14 +80,20 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
     layers = pruned_layers(pruned, groups)
     share = shared_first_shot(factors)
     config = SurgeonConfig(**{"structure": "structured", "target": target, "shots": 1, "curvature": "kfac",
-                              **options})
+                              **{k: v for k, v in options.items() if k != "dense"}})
     with PeakRSS() as rss:
         start = time.perf_counter()
-        result = prune(pruned, calib, groups, config, collect_curvature=lambda m, w: share(m, w, layers))
-        shrink(pruned, graph, {g: u for g, u in result.removed.items() if u})
+        if options.get("dense"):  # no pruning: at most the low-rank corrections, seeded as a first shot's
+            logs = [{"lora_loss": lora_correct(pruned, calib, layers, {}, config.lora_rank, config.lora_steps,
+                                               config.lora_lr, seed=config.seed)}] if config.lora_rank else []
+        else:
+            result = prune(pruned, calib, groups, config, collect_curvature=lambda m, w: share(m, w, layers))
+            shrink(pruned, graph, {g: u for g, u in result.removed.items() if u})
+            logs = [asdict(log) for log in result.logs]
         seconds = time.perf_counter() - start
-    return {"name": name, "options": options, "calibration": f"{n_calib} x 512 tokens", "target": target,
-            "shots": config.shots, "ppl": perplexity(pruned, evals).ppl, "prune_s": seconds,
+    return {"name": name, "options": options, "calibration": f"{n_calib} x 512 tokens",
+            "target": 1.0 if options.get("dense") else target, "shot_logs": logs,
+            "shots": 0 if options.get("dense") else config.shots, "ppl": perplexity(pruned, evals).ppl, "prune_s": seconds,
             "peak_rss_mib": rss.peak, "params": sum(p.numel() for p in pruned.parameters()),
             "evaluation": f"first {len(evals)} x 2048-token windows of {TEXTS[split]}", "split": split,
             "machine": machine()}
@@ -104,6 +118,7 @@ def write_table() -> None:
     for r in rows:
         o = r["options"]
         update = "none (K-OBD: diagonal costs)" if o.get("curvature") == "diag_ga" else o.get("update", "correlated")
+        update = "dense model, nothing pruned" if o.get("dense") else update
         if o.get("lora_rank"):
             update += f" + LoRA rank {o['lora_rank']}, {o['lora_steps']} steps"
         lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
@@ -117,7 +132,7 @@ def write_table() -> None:
 def chosen_on_validation(rows: list[dict]) -> list[str]:
     """Per target, the variant with the lowest perplexity on the validation windows (`--split valid` rows)."""
     out = []
-    for target in sorted({r["target"] for r in rows if r.get("split") == "valid"}, reverse=True):
+    for target in sorted({r["target"] for r in rows if r.get("split") == "valid" and r["target"] < 1}, reverse=True):
         valid = sorted((r for r in rows if r.get("split") == "valid" and r["target"] == target),
                        key=lambda r: r["ppl"])
         ranked = ", ".join(f"{r['name']} {r['ppl']:.2f}" for r in valid)

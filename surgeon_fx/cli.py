@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"every layer they touch as the paper does (correlated), or not at all (default: {d.update})")
     how.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R masked low-rank corrections between "
                                                                 "shots, absorbed into the weights (default: 0, off)")
+    how.add_argument("--lora-steps", type=int, metavar="S", help=f"Adam steps of those corrections per shot, one "
+                                                                 f"calibration window each (default: {d.lora_steps})")
     data = p.add_argument_group("data")
     data.add_argument("--calib-windows", type=int, metavar="N",
                       help=f"calibration windows (default: {d.calib_windows}; the paper uses 128)")
@@ -142,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "lora_rank", "calib_windows",
-                 "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length", "batch_size", "seed",
-                 "device", "offload_model", "offload_dir", "factor_memory")
+OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "lora_rank", "lora_steps",
+                 "calib_windows", "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length",
+                 "batch_size", "seed", "device", "offload_model", "offload_dir", "factor_memory")
 
 
 def default_out(name: str, recipe) -> Path:

@@ -70,6 +70,7 @@ class Recipe:
     round_to: int = 1
     update: str = "consumer"
     lora_rank: int = 0
+    lora_steps: int = 20
     damp_a: float = 0.01
     damp_g: float | None = None
     offload_dir: str | None = None
@@ -130,7 +131,7 @@ class Recipe:
         if self.fisher_approx not in ("kfac", "nearest"):
             raise RecipeError(f"fisher_approx must be kfac or nearest, not {self.fisher_approx!r}")
         positive = {"shots": self.shots, "calib_windows": self.calib_windows, "batch_size": self.batch_size,
-                    "round_to": self.round_to}
+                    "round_to": self.round_to, "lora_steps": self.lora_steps}
         for key, value in positive.items():
             if value < 1:
                 raise RecipeError(f"{key} must be at least 1, got {value}")

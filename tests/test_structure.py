@@ -54,3 +54,7 @@ def test_surgeon_config_from_recipe():
     c = surgeon_config(Recipe(structure="2:4", target=0.9, shots=2), "diag_ga")
     assert c.structure.nm == (2, 4) and c.target == 0.5 and c.curvature == "diag_ga" and c.shots == 2
     assert c.g_damping() == 0.1 and surgeon_config(Recipe(), "kfac").g_damping() == 0.01
+    lora = surgeon_config(Recipe(lora_rank=8, lora_steps=32), "kfac")
+    assert (lora.lora_rank, lora.lora_steps) == (8, 32)
+    with pytest.raises(RecipeError, match="lora_steps must be at least 1"):
+        Recipe(lora_rank=8, lora_steps=0).check()
