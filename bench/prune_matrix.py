@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="low-rank corrections after each shot of the "
                                                              "multi-shot methods (surgeon, k-obd, l-obd, magnitude)")
     ap.add_argument("--lora-steps", type=int, default=20, help="Adam steps of those corrections per shot")
+    ap.add_argument("--nm-select", choices=("sequential", "fixed"), default="sequential",
+                    help="LLM Surgeon N:M choice during the update's sweep or before it")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
     ap.add_argument("--out", type=Path, help="run folder (default docs/results/prune_matrix_<W>x<L>); the table "
                                              "is <out>.md, the plots <out>_<structure>/")
@@ -205,7 +207,8 @@ def main() -> None:
     setup = {"calibration": f"{args.calib_windows} x {args.calib_length} tokens, wikitext-2 valid.txt, seed 0",
              "evaluation": f"first {len(evals)} x 2048-token windows of {where}",
              "shots": {"structured": args.shots, "sparse": args.sparse_shots},
-             "lora": {"rank": args.lora_rank, "steps": args.lora_steps} if args.lora_rank else None, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
+             "lora": {"rank": args.lora_rank, "steps": args.lora_steps} if args.lora_rank else None,
+             "nm_select": args.nm_select, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
     if not dense_file.exists():
         start = time.perf_counter()
@@ -223,7 +226,8 @@ def main() -> None:
         # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
         python_api = method == "slicegpt" or method in STRUCTURED_PEERS  # passes called directly
         recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots,
-                                                lora_rank=args.lora_rank, lora_steps=args.lora_steps)
+                                                lora_rank=args.lora_rank, lora_steps=args.lora_steps,
+                                                nm_select=args.nm_select)
         if recipe is not None:
             recipe.check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None

@@ -44,12 +44,14 @@ def sparsegpt_prune_layer(
     n_m: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    removed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W [out, in] given H = 2 X Xᵀ / n [in, in].
 
     Give exactly one of ``sparsity`` (fraction in [0, 1), unstructured) or
     ``n_m=(N, M)`` (keep N of every M consecutive inputs per row; blocksize % M == 0).
-    Returns (W_new [out, in] in W's dtype with zeros outside the mask, keep mask
+    removed: bool [out, in], entries pruned earlier; they score lowest, so they are pruned again (a multi-shot
+    caller's constraint).  Returns (W_new [out, in] in W's dtype with zeros outside the mask, keep mask
     [out, in] bool, True = kept).
     """
     if (sparsity is None) == (n_m is None):
@@ -70,12 +72,12 @@ def sparsegpt_prune_layer(
         err = torch.zeros_like(W1)
         d = torch.diagonal(U1)
         if sparsity is not None:
-            keep[:, b1:b2] = topk_mask(W1**2 / d**2, sparsity, per_row=False)
+            keep[:, b1:b2] = topk_mask(_scores(W1, d, removed, b1), sparsity, per_row=False)
         for i in range(b2 - b1):
             c = b1 + i
             if n_m is not None and i % n_m[1] == 0:
                 n, m = n_m
-                keep[:, c : c + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
+                keep[:, c : c + m] = nm_mask(_scores(W1[:, i : i + m], d[i : i + m], removed, c), n, m)
             w = W1[:, i]
             q = torch.where(keep[:, c], w, torch.zeros_like(w))
             err[:, i] = (w - q) / d[i]
@@ -84,6 +86,14 @@ def sparsegpt_prune_layer(
         W[:, b1:b2] = W1
         W[:, b2:] -= err @ U[b1:b2, b2:]
     return W.to(dtype), keep
+
+
+def _scores(W1: torch.Tensor, d: torch.Tensor, removed: torch.Tensor | None, c: int) -> torch.Tensor:
+    """OBS scores w² / U_cc² of the current weights W1 (columns c, c+1, …); −inf where already `removed`."""
+    scores = W1**2 / d**2
+    if removed is None:
+        return scores
+    return scores.masked_fill(removed[:, c : c + W1.shape[1]].to(scores.device), -torch.inf)
 
 
 def sparsegpt(

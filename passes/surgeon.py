@@ -6,7 +6,7 @@ Shot t = 1..T (targets from `threshold.shot_targets`, linear from 1 to `target`)
 2. damp and invert each factor (`baselines.layer_curvature`; the method picks KFAC or a baseline);
 3. price every candidate (`costs`): weights (unstructured, N:M) or units of the groups (structured);
 4. select: a global threshold on raw costs (unstructured), per-block N:M (semi-structured, the M−N removed
-   per block grow linearly with t), cheapest units per removed parameter (structured, `threshold.select_units`);
+   per block grow linearly with t; chosen during the update's column sweep, `_nm_removed`), cheapest units per removed parameter (structured, `threshold.select_units`);
 5. update the remaining weights (`update`), with earlier removals kept as constraints, and re-apply every mask
    so removed weights stay exactly zero;
 6. optionally train and absorb masked low-rank corrections (`lora`);
@@ -42,12 +42,14 @@ from surgeon_fx.passes.blocks import from_matrix, read_matrix, to_matrix, unit_b
 from surgeon_fx.passes.costs import element_costs, layer_unit_costs
 from surgeon_fx.passes.curvature import KronFactors, collect_kfac, default_layers
 from surgeon_fx.passes.lora import lora_correct
+from surgeon_fx.passes.sparsegpt import sparsegpt_prune_layer
 from surgeon_fx.passes.threshold import global_masks, nm_removed, select_units, shot_targets
 from surgeon_fx.passes.update import remove_rows_cols, sweep_update
 from surgeon_fx.groups import Group, param_name, prunable_params, unit_sizes
 from surgeon_fx.structure import Structure
 
 UPDATES = ("correlated", "consumer", "none")
+NM_SELECTS = ("sequential", "fixed")  # N:M choice made during the column sweep, or on the weights as they are
 CHECKPOINT = "surgeon_state.pt"
 SELECT_ROUNDS = 8  # selections per structured shot at most (see `_structured_shot`)
 
@@ -73,6 +75,8 @@ class SurgeonConfig:
     damp_a / damp_g: relative damping (× mean diagonal); damp_g None → 0.1 for unstructured and N:M, 0.01
     for structured (the paper's defaults).  target_of: "prunable" | "all".  per_param: rank structured units
     by cost per removed parameter (True) or by raw cost.  lora_rank 0 = no low-rank corrections.
+    nm_select: the N:M choice, "sequential" (made during the column sweep on the compensated weights, as
+    SparseGPT does; KFAC with an update only) or "fixed" (on the weights before the shot); see `_nm_removed`.
     """
 
     structure: Structure | str = "unstructured"
@@ -88,6 +92,7 @@ class SurgeonConfig:
     lora_rank: int = 0
     lora_steps: int = 20
     lora_lr: float = 1e-3
+    nm_select: str = "sequential"
     seed: int = 0
 
     def __post_init__(self):
@@ -95,6 +100,8 @@ class SurgeonConfig:
         self.structure.check_target(self.target)
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, not {self.update!r}")
+        if self.nm_select not in NM_SELECTS:
+            raise ValueError(f"nm_select must be one of {NM_SELECTS}, not {self.nm_select!r}")
         if self.target_of not in ("prunable", "all"):
             raise ValueError(f"target_of must be 'prunable' or 'all', not {self.target_of!r}")
         needs_data(self.curvature)
@@ -230,7 +237,7 @@ def _curvature(module: nn.Module, factors, config: SurgeonConfig, name: str):
 def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t: int, n_remove: int):
     """Unstructured / N:M shot: select weights from the KFAC costs, update the rest, store masks.
 
-    The selection (global threshold or per-block N:M on `element_costs`) does not depend on the update; the
+    The selection (global threshold on `element_costs`, or per-block N:M by `_nm_removed`) comes first; the
     update is `sweep_update` (one shared factor of A per layer; see `passes.update` for how it relates to
     the exact per-row rule `rowwise_update`).  Returns (estimated cost of the removed weights, kept fraction n_keep/m of this N:M shot or None)."""
     costs, before = {}, {}
@@ -249,7 +256,8 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         for name in layers:
             if costs[name].shape[1] % mm:
                 raise ValueError(f"layer {name!r} has {costs[name].shape[1]} inputs, not a multiple of {mm}")
-        after = {name: nm_removed(costs[name], before[name], n_keep, mm) for name in layers}
+        after = {name: _nm_removed(modules[name], curv[name], costs[name], before[name], n_keep, mm, config)
+                 for name in layers}
         target = n_keep / mm
     cost = 0.0
     for name in layers:
@@ -265,6 +273,25 @@ def _sparse_shot(modules, layers, curv, state: _State, config: SurgeonConfig, t:
         write_matrix(m, M)
         state.masks[param_name(name)] = from_matrix(m, ~removed)[0]
     return cost, target
+
+
+def _nm_removed(module: nn.Module, curv, costs: Tensor, before: Tensor, n_keep: int, m: int,
+                config: SurgeonConfig) -> Tensor:
+    """Removed mask (W's shape) keeping `n_keep` of every `m` inputs per row.
+
+    "fixed": by the element costs w² / (G⁻¹_ii A⁻¹_jj) of the weights as they are.  "sequential" (KFAC with an
+    update only): within a row G⁻¹_ii is one factor for all candidates, so the choice is A's alone, and it is
+    made as the column sweep reaches each group of m inputs, on the weights already compensated for the
+    earlier columns, with the conditional score w² / U_jj² (A⁻¹ = Uᵀ U): SparseGPT's adaptive selection,
+    `sparsegpt_prune_layer` on A's block of the weight columns (a bias column, never removed, is left out of
+    the choice; the update that follows uses all of A).
+    """
+    if config.nm_select == "fixed" or is_diagonal(config.curvature) or config.update == "none":
+        return nm_removed(costs, before, n_keep, m)
+    W = to_matrix(module, module.weight.detach(), None)
+    cols = W.shape[1]
+    _, keep = sparsegpt_prune_layer(W, curv.A[:cols, :cols], n_m=(n_keep, m), percdamp=0.0, removed=before)
+    return ~keep
 
 
 def _structured_shot(modules, layers, factors, groups, blocks, touching, sizes, state: _State,

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--update", choices=("consumer", "correlated", "none"),
                      help=f"structured surgeon: compensate removed units in the layers that read them (consumer), in "
                           f"every layer they touch as the paper does (correlated), or not at all (default: {d.update})")
+    how.add_argument("--nm-select", choices=("sequential", "fixed"),
+                     help=f"N:M surgeon: choose the kept N of each M inputs during the update's column sweep, on the "
+                          f"compensated weights (sequential, as SparseGPT), or before it (fixed) (default: {d.nm_select})")
     how.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R masked low-rank corrections between "
                                                                 "shots, absorbed into the weights (default: 0, off)")
     how.add_argument("--lora-steps", type=int, metavar="S", help=f"Adam steps of those corrections per shot, one "
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "lora_rank", "lora_steps",
+OPTION_FIELDS = ("structure", "target", "round_to", "method", "shots", "fisher", "update", "nm_select", "lora_rank", "lora_steps",
                  "calib_windows", "calib_length", "calib_file", "eval_windows", "eval_file", "eval_length",
                  "batch_size", "seed", "device", "offload_model", "offload_dir", "factor_memory")
 

@@ -95,7 +95,8 @@ def surgeon_config(recipe: Recipe, curvature: str) -> SurgeonConfig:
     """The driver's config for `recipe` with the method's curvature ("kfac", "identity", "diag_a", "diag_ga")."""
     return SurgeonConfig(structure=recipe.structure, target=recipe.structure.kept(recipe.target), shots=recipe.shots,
                          curvature=curvature, update=recipe.update, damp_a=recipe.damp_a, damp_g=recipe.damp_g,
-                         lora_rank=recipe.lora_rank, lora_steps=recipe.lora_steps, seed=recipe.seed)
+                         lora_rank=recipe.lora_rank, lora_steps=recipe.lora_steps,
+                         nm_select=recipe.nm_select, seed=recipe.seed)
 
 
 def collect_factors(model: nn.Module, windows: Any, *, recipe: Recipe, layers: list[str], ctx: RunContext):

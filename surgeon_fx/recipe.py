@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from surgeon_fx.passes.surgeon import UPDATES
+from surgeon_fx.passes.surgeon import NM_SELECTS, UPDATES
 from surgeon_fx.structure import Structure, StructureError
 
 FISHERS = ("empirical", "sampled")
@@ -71,6 +71,7 @@ class Recipe:
     update: str = "consumer"
     lora_rank: int = 0
     lora_steps: int = 20
+    nm_select: str = "sequential"
     damp_a: float = 0.01
     damp_g: float | None = None
     offload_dir: str | None = None
@@ -126,6 +127,8 @@ class Recipe:
             raise RecipeError(str(err)) from None
         if self.update not in UPDATES:
             raise RecipeError(f"update must be one of {', '.join(UPDATES)}, not {self.update!r}")
+        if self.nm_select not in NM_SELECTS:
+            raise RecipeError(f"nm_select must be one of {', '.join(NM_SELECTS)}, not {self.nm_select!r}")
         if self.fisher not in FISHERS:
             raise RecipeError(f"fisher must be one of {', '.join(FISHERS)}, not {self.fisher!r}")
         if self.fisher_approx not in ("kfac", "nearest"):

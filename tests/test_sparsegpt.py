@@ -172,3 +172,17 @@ def test_model_level_nm_on_gpt2_conv1d():
         W = model.get_submodule(name).weight.T  # Conv1D stores [in, out]
         nz = (W != 0).reshape(W.shape[0], -1, 4).sum(-1)
         assert (nz == 2).all(), name
+
+
+def test_entries_removed_earlier_stay_removed():
+    # A multi-shot caller's constraint: entries pruned by an earlier shot are pruned again, with n of m kept.
+    g = _gen(4)
+    W = torch.randn(12, 32, generator=g)
+    X = torch.randn(32, 200, generator=g)
+    before = torch.zeros(12, 32, dtype=torch.bool)
+    before[:, ::4] = True  # one entry of every group of 4 gone already (a 3:4 first shot)
+    _, keep = sparsegpt_prune_layer(W, 2 * X @ X.T / 200, n_m=(2, 4), blocksize=16, removed=before)
+    assert not keep[before].any()
+    assert (keep.reshape(12, 8, 4).sum(-1) == 2).all()
+    _, free = sparsegpt_prune_layer(W, 2 * X @ X.T / 200, n_m=(2, 4), blocksize=16)
+    assert free[before].any()  # without the constraint some of them would be kept

@@ -56,5 +56,8 @@ def test_surgeon_config_from_recipe():
     assert c.g_damping() == 0.1 and surgeon_config(Recipe(), "kfac").g_damping() == 0.01
     lora = surgeon_config(Recipe(lora_rank=8, lora_steps=32), "kfac")
     assert (lora.lora_rank, lora.lora_steps) == (8, 32)
+    assert surgeon_config(Recipe(structure="2:4", nm_select="fixed"), "kfac").nm_select == "fixed"
+    with pytest.raises(RecipeError, match="nm_select must be one of"):
+        Recipe(nm_select="greedy").check()
     with pytest.raises(RecipeError, match="lora_steps must be at least 1"):
         Recipe(lora_rank=8, lora_steps=0).check()

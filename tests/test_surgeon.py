@@ -70,6 +70,25 @@ def test_semi_structured_exact_n_per_m(structure, n, m):
         assert (result.masks[name].reshape(W.shape[0], -1, m).sum(-1) == n).all()
 
 
+def test_sequential_nm_choice_loses_less_of_the_layer_objective():
+    # The N:M choice made during the sweep (on compensated weights) against the one made before it: summed
+    # over the layers, the second-order loss tr(ΔW A ΔWᵀ) of the dense inputs is lower, and the pattern holds.
+    dense, win = tiny_llama(), windows()
+    factors = collect_kfac(dense, win, layers=[n for n, m in dense.named_modules()
+                                               if isinstance(m, torch.nn.Linear) and n != "lm_head"])
+    loss = {}
+    for select in ("sequential", "fixed"):
+        model = tiny_llama()
+        result = prune(model, win, None, SurgeonConfig(structure="2:4", shots=1, nm_select=select))
+        weights, before = dict(model.named_parameters()), dict(dense.named_parameters())
+        loss[select] = 0.0
+        for name in result.masks:
+            delta = (weights[name] - before[name]).detach().double()
+            loss[select] += float(torch.trace(delta @ factors[name.rpartition(".")[0]].A.double() @ delta.T))
+            assert (result.masks[name].reshape(delta.shape[0], -1, 4).sum(-1) == 2).all()
+    assert loss["sequential"] < loss["fixed"]
+
+
 def test_magnitude_is_the_global_magnitude_threshold():
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
