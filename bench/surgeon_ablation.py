@@ -139,6 +139,14 @@ def chosen_on_validation(rows: list[dict]) -> list[str]:
         out += ["", f"**Chosen on validation text, target {target:g}: {valid[0]['name']}** (PPL on the "
                 f"{valid[0]['evaluation'].split(' x ')[0].replace('first ', '')} validation windows, best first: "
                 f"{ranked})."]
+    references = [r for r in rows if r.get("split") == "valid" and r["target"] >= 1]
+    if references:
+        out += ["", "Unpruned references on the same validation windows: "
+                + ", ".join(f"{r['name']} {r['ppl']:.2f}" for r in references) + ".  Low-rank corrections train "
+                "on the calibration windows, and the validation windows, though they share no token with them, "
+                "come from the same articles: what the same corrections do to the dense model measures how much "
+                "of their gain is adaptation to that text rather than repair of the pruning.  Test numbers of "
+                "the chosen settings: `prune_matrix_32x512_full*.md`."]
     return out
 
 
