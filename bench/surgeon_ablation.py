@@ -53,6 +53,7 @@ VARIANTS = {
     "consumer-damp0.001-calib32": ({"update": "consumer", "damp_a": 0.001}, 32),
     "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
     "consumer-calib32-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 32),
+    "consumer-calib32-lora8-64steps": ({"update": "consumer", "lora_rank": 8, "lora_steps": 64}, 32),
     # the references: the dense model, and the same corrections trained on it (how much of their gain is
     # adaptation to the calibration text rather than repair of the pruning)
     "dense": ({"dense": True}, 32),
