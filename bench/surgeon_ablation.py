@@ -154,7 +154,7 @@ def chosen_on_validation(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--eval-windows", type=int, default=4, help="first k windows; 0 = all")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS))
     ap.add_argument("--split", choices=("test", "valid"), default="test")
     ap.add_argument("--table", action="store_true")
@@ -168,10 +168,10 @@ def main() -> None:
         model, tokenizer = load_smollm2()
         if args.split == "valid":
             evals = validation_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), 2048,
-                                       VALID_CALIB, 512, seed=0, limit=args.eval_windows)
+                                       VALID_CALIB, 512, seed=0, limit=args.eval_windows or None)
         else:
             evals = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
-                                 limit=args.eval_windows)
+                                 limit=args.eval_windows or None)
         graph = build_graph(model, (evals[:1, :64],))
         groups = prunable_groups(graph, 1)
         for name in todo:
