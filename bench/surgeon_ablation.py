@@ -8,7 +8,8 @@ Structured pruning to `--target` (default 0.9) of the prunable parameters; data 
 (calibration windows of wikitext-2 valid.txt, seed 0; the first `--eval-windows` 2048-token windows of
 wikitext-2-raw wiki.test.raw, or with `--split valid` the first 2048-token windows of valid.txt that share no
 token with the 32 × 512 calibration windows: the held-out text on which settings are chosen, so only the
-32 × 512 variants run there).  The dense model's KFAC factors of each calibration size are cached beside the
+32 × 512 variants run there; `--valid-avoid 64` takes windows avoiding the 64 × 512 ones, where the 64- and
+32-window variants compare).  The dense model's KFAC factors of each calibration size are cached beside the
 matrix's, so every one-shot variant of a size shares them; later shots re-estimate on the pruned model.
 Each variant is written to docs/results/surgeon_ablation/<name>.json as it finishes.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from surgeon_fx.compile import prunable_groups  # noqa: E402
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize, validation_windows  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
+from surgeon_fx.groups import prunable_count  # noqa: E402
 from surgeon_fx.hf import load_smollm2  # noqa: E402
 
 RESULTS = ROOT / "docs/results/surgeon_ablation"
@@ -59,21 +61,53 @@ VARIANTS = {
     "dense": ({"dense": True}, 32),
     "dense-lora8": ({"dense": True, "lora_rank": 8, "lora_steps": 32}, 32),
     "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
+    # twice the calibration tokens: compared with consumer-calib32 on validation windows avoiding all 64 windows
+    "consumer-calib64": ({"update": "consumer"}, 64),
+    # attention heads forced out: this share of the head groups' parameters goes first (same dense curvature,
+    # so one shot), MLP neurons make up the rest of the target; 0.2 at target 0.8 is a uniform allocation
+    "consumer-calib32-heads0.1": ({"update": "consumer", "head_share": 0.1}, 32),
+    "consumer-calib32-heads0.2": ({"update": "consumer", "head_share": 0.2}, 32),
 }
+HEAD_KINDS = ("heads", "kv_heads")
 
 
-VALID_CALIB = 32  # validation windows are disjoint from the 32 x 512 calibration windows
+VALID_CALIB = 32  # validation windows are disjoint from the 32 x 512 calibration windows (`--valid-avoid`)
 TEXTS = {"test": "wikitext-2-raw wiki.test.raw",
          "valid": f"wikitext-2 valid.txt disjoint from the {VALID_CALIB} x 512 calibration windows"}
 
 
-def record_path(name: str, target: float, split: str) -> Path:
-    """Where a variant's row is written (a dense control's target is 1: nothing is pruned)."""
+def record_path(name: str, target: float, split: str, avoid: int = VALID_CALIB) -> Path:
+    """Where a variant's row is written (a dense control's target is 1: nothing is pruned); `avoid`: the
+    calibration windows the validation windows avoid, in the name when not the default."""
     target = 1.0 if VARIANTS[name][0].get("dense") else target
-    return RESULTS / f"{name}_{target:g}{'_valid' if split == 'valid' else ''}.json"
+    suffix = ("_valid" + (str(avoid) if avoid != VALID_CALIB else "")) if split == "valid" else ""
+    return RESULTS / f"{name}_{target:g}{suffix}.json"
 
 
-def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float, split: str) -> dict:
+def forced_heads(model, calib, groups, factors, config: SurgeonConfig, head_share: float) -> dict[str, list[int]]:
+    """One shot that removes `head_share` of the head groups' parameters, then MLP neurons for the rest.
+
+    Both stages price and update with the dense factors (`shared_first_shot`), and head units touch only
+    attention layers while neuron units touch only MLP layers, so this is the one-shot LLM Surgeon with the
+    allocation between heads and neurons fixed instead of chosen by cost.  With P_h, P_n the two stages'
+    prunable parameters and target t: the neuron stage keeps 1 − ((1 − t)(P_h + P_n) − head_share·P_h) / P_n.
+    Returns the removed units of every group."""
+    heads = [g for g in groups if g.kind in HEAD_KINDS]
+    rest = [g for g in groups if g.kind not in HEAD_KINDS]
+    p_h, p_n = prunable_count(model, heads), prunable_count(model, rest)
+    neuron_target = 1 - ((1 - config.target) * (p_h + p_n) - head_share * p_h) / p_n
+    removed = {}
+    for stage, target in ((heads, 1 - head_share), (rest, neuron_target)):
+        layers = pruned_layers(model, stage)
+        share = shared_first_shot(factors)
+        result = prune(model, calib, stage, replace(config, target=target),
+                       collect_curvature=lambda m, w: share(m, w, layers))
+        removed.update(result.removed)
+    return removed
+
+
+def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float, split: str,
+                avoid: int = VALID_CALIB) -> dict:
     options, n_calib = VARIANTS[name]
     calib = calibration_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), n_calib, 512, seed=0)
     factors = dense_factors(model, calib, graph, CACHE / f"dense_factors_{n_calib}x512.pt")
@@ -81,12 +115,16 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
     layers = pruned_layers(pruned, groups)
     share = shared_first_shot(factors)
     config = SurgeonConfig(**{"structure": "structured", "target": target, "shots": 1, "curvature": "kfac",
-                              **{k: v for k, v in options.items() if k != "dense"}})
+                              **{k: v for k, v in options.items() if k not in ("dense", "head_share")}})
     with PeakRSS() as rss:
         start = time.perf_counter()
         if options.get("dense"):  # no pruning: at most the low-rank corrections, seeded as a first shot's
             logs = [{"lora_loss": lora_correct(pruned, calib, layers, {}, config.lora_rank, config.lora_steps,
                                                config.lora_lr, seed=config.seed)}] if config.lora_rank else []
+        elif options.get("head_share"):
+            removed = forced_heads(pruned, calib, groups, factors, config, options["head_share"])
+            shrink(pruned, graph, {g: u for g, u in removed.items() if u})
+            logs = []
         else:
             result = prune(pruned, calib, groups, config, collect_curvature=lambda m, w: share(m, w, layers))
             shrink(pruned, graph, {g: u for g, u in result.removed.items() if u})
@@ -96,14 +134,15 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
             "target": 1.0 if options.get("dense") else target, "shot_logs": logs,
             "shots": 0 if options.get("dense") else config.shots, "ppl": perplexity(pruned, evals).ppl, "prune_s": seconds,
             "peak_rss_mib": rss.peak, "params": sum(p.numel() for p in pruned.parameters()),
-            "evaluation": f"first {len(evals)} x 2048-token windows of {TEXTS[split]}", "split": split,
+            "evaluation": f"first {len(evals)} x 2048-token windows of {TEXTS[split]}".replace(
+                f"the {VALID_CALIB} x", f"the {avoid} x"), "split": split, "valid_avoid": avoid,
             "machine": machine()}
 
 
 def write_table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     order = list(VARIANTS)
-    rows.sort(key=lambda r: (r.get("split", "test") == "test", -r["target"], int(r["calibration"].split()[0]),
+    rows.sort(key=lambda r: (r.get("split", "test") == "test", r.get("valid_avoid", VALID_CALIB), -r["target"], int(r["calibration"].split()[0]),
                              order.index(r["name"]) if r["name"] in order else len(order)))
     lines = ["# LLM Surgeon on SmolLM2-135M: update, damping, calibration and shots", "",
              "Structured pruning (heads and MLP neurons) of SmolLM2-135M; calibration windows of 512 tokens from "
@@ -113,7 +152,8 @@ def write_table() -> None:
              "`surgeon_ablation/<name>.json`. Damping is relative (× mean diagonal); the defaults are 0.01 for "
              "both factors. `correlated` updates producers (rows, via G) and consumers (columns, via A) of every "
              "removed unit; `consumer` only the consumers; `none` zeroes the removed units. `commit` is HEAD when the "
-             "row was written: the 8e612b6 rows ran on the uncommitted code committed next as 396f549.", "",
+             "row was written: the 8e612b6 rows ran on the uncommitted code committed next as 396f549, the 5e35e84 "
+             "rows (forced heads, 64 x 512 calibration) on the code committed next with them.", "",
              "| variant | target | update | damping A | damping G | calibration | shots | PPL | eval | prune (s) "
              "| commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -122,16 +162,59 @@ def write_table() -> None:
         update = "dense model, nothing pruned" if o.get("dense") else update
         if o.get("lora_rank"):
             update += f" + LoRA rank {o['lora_rank']}, {o['lora_steps']} steps"
+        if o.get("head_share"):
+            update += f", {o['head_share']:.0%} of head parameters forced out"
         lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
                      f"{o.get('damp_a', 0.01):g} | {o.get('damp_g', 0.01):g} | {r['calibration']} | {r['shots']} | "
-                     f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} {r.get('split', 'test')} | "
+                     f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} {split_label(r)} | "
                      f"{r['prune_s']:.0f} | {r['machine']['commit']} |")
-    lines += chosen_on_validation(rows)
+    lines += lever_summary(rows) + chosen_on_validation(rows)
     (ROOT / "docs/results/surgeon_ablation.md").write_text("\n".join(lines) + "\n")
 
 
+# lever → (baseline variant, variant), both at target 0.8 on the same validation windows (`valid_avoid`)
+LEVERS = [("update: consumer instead of none", "none-calib32", "consumer-calib32", VALID_CALIB),
+          ("4 shots with re-estimated curvature instead of 1", "consumer-calib32", "consumer-calib32-4shots", VALID_CALIB),
+          ("damping 0.1 instead of 0.01", "consumer-calib32", "consumer-damp0.1-calib32", VALID_CALIB),
+          ("2x calibration tokens (64 x 512)", "consumer-calib32", "consumer-calib64", 64),
+          ("LoRA rank 8, 32 steps", "consumer-calib32", "consumer-calib32-lora8", VALID_CALIB),
+          ("LoRA rank 8, 64 steps", "consumer-calib32", "consumer-calib32-lora8-64steps", VALID_CALIB),
+          ("the same LoRA on the dense model (adaptation alone)", "dense", "dense-lora8", VALID_CALIB),
+          ("10% of head parameters forced out", "consumer-calib32", "consumer-calib32-heads0.1", VALID_CALIB),
+          ("20% of head parameters forced out (uniform)", "consumer-calib32", "consumer-calib32-heads0.2", VALID_CALIB)]
+
+
+def lever_summary(rows: list[dict]) -> list[str]:
+    """What each lever bought at target 0.8 on validation text: the change of perplexity against its baseline
+    measured on the same windows (levers with a missing row are left out)."""
+    valid = {(r["name"], r.get("valid_avoid", VALID_CALIB)): r for r in rows
+             if r.get("split") == "valid" and r["target"] in (0.8, 1.0)}
+    out = []
+    for lever, base, variant, avoid in LEVERS:
+        if (base, avoid) in valid and (variant, avoid) in valid:
+            a, b = valid[(base, avoid)]["ppl"], valid[(variant, avoid)]["ppl"]
+            out.append(f"| {lever} | {base} {a:.2f} | {variant} {b:.2f} | {b / a - 1:+.1%} | "
+                       f"{split_label(valid[(variant, avoid)])} |")
+    if not out:
+        return []
+    return ["", "**What each lever bought** (target 0.8 unless dense; validation windows; 1 shot, consumer update, "
+            "32 x 512 calibration unless the lever changes it):", "",
+            "| lever | baseline PPL | with the lever | change | eval |", "|---|---|---|---|---|"] + out + [
+            "", "Not measured: removing residual-stream channels together with LLM Surgeon's groups (SliceGPT's "
+            "rotation exists only as its own method), and the paper's 128 x 2048 calibration (16x the tokens of "
+            "32 x 512; the 64 x 512 dense curvature alone took 486 s on one core here)."]
+
+
+def split_label(row: dict) -> str:
+    """`test`, `valid` (windows avoiding the 32 x 512 calibration windows) or `valid⊥N` (avoiding N of them)."""
+    avoid = row.get("valid_avoid", VALID_CALIB)
+    return row.get("split", "test") + (f"⊥{avoid}" if row.get("split") == "valid" and avoid != VALID_CALIB else "")
+
+
 def chosen_on_validation(rows: list[dict]) -> list[str]:
-    """Per target, the variant with the lowest perplexity on the validation windows (`--split valid` rows)."""
+    """Per target, the variant with the lowest perplexity on the validation windows (`--split valid` rows that
+    avoid the default 32 calibration windows; rows on other validation windows compare among themselves)."""
+    rows = [r for r in rows if r.get("valid_avoid", VALID_CALIB) == VALID_CALIB]
     out = []
     for target in sorted({r["target"] for r in rows if r.get("split") == "valid" and r["target"] < 1}, reverse=True):
         valid = sorted((r for r in rows if r.get("split") == "valid" and r["target"] == target),
@@ -157,26 +240,31 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=4, help="first k windows; 0 = all")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS))
     ap.add_argument("--split", choices=("test", "valid"), default="test")
+    ap.add_argument("--valid-avoid", type=int, default=VALID_CALIB,
+                    help="validation windows avoid the first N calibration windows of 512 tokens (the first 32 are "
+                         "those of every 32-window variant: the sets grow by appending)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    names = args.only or [n for n in VARIANTS if args.split == "test" or VARIANTS[n][1] == VALID_CALIB]
-    if args.split == "valid" and any(VARIANTS[n][1] != VALID_CALIB for n in names):
-        raise SystemExit(f"--split valid runs only the {VALID_CALIB} x 512 variants (its windows avoid those)")
-    todo = [n for n in names if not record_path(n, args.target, args.split).exists()]
+    avoid = args.valid_avoid
+    names = args.only or [n for n in VARIANTS if args.split == "test" or VARIANTS[n][1] == avoid]
+    if args.split == "valid" and any(VARIANTS[n][1] > avoid for n in names):
+        raise SystemExit(f"--split valid --valid-avoid {avoid} runs only variants of at most {avoid} x 512 "
+                         f"calibration windows (its windows avoid those)")
+    todo = [n for n in names if not record_path(n, args.target, args.split, avoid).exists()]
     if todo and not args.table:
         model, tokenizer = load_smollm2()
         if args.split == "valid":
             evals = validation_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2/valid.txt")), 2048,
-                                       VALID_CALIB, 512, seed=0, limit=args.eval_windows or None)
+                                       avoid, 512, seed=0, limit=args.eval_windows or None)
         else:
             evals = eval_windows(tokenize(tokenizer, read_text(DATA / "wikitext-2-raw/wiki.test.raw")), 2048,
                                  limit=args.eval_windows or None)
         graph = build_graph(model, (evals[:1, :64],))
         groups = prunable_groups(graph, 1)
         for name in todo:
-            record = run_variant(name, model, tokenizer, graph, groups, evals, args.target, args.split)
-            record_path(name, args.target, args.split).write_text(json.dumps(record, indent=1))
+            record = run_variant(name, model, tokenizer, graph, groups, evals, args.target, args.split, avoid)
+            record_path(name, args.target, args.split, avoid).write_text(json.dumps(record, indent=1))
             print(f"{name}: PPL {record['ppl']:.2f} ({record['prune_s']:.0f} s)", flush=True)
     write_table()
 

@@ -67,6 +67,13 @@ def test_calibration_windows_can_start_anywhere_including_the_last_start():
     assert set(starts.tolist()) == {0, 1}
 
 
+@pytest.mark.parametrize("n_ids, length", [(1000, 10), (273868, 512)])
+def test_more_calibration_windows_append_to_fewer(n_ids, length):
+    """The 64-window set holds the 32-window set first, so validation windows that avoid the 64 avoid the 32
+    too (bench/surgeon_ablation.py --valid-avoid compares the two sizes on such windows)."""
+    assert torch.equal(calibration_starts(n_ids, 64, length, seed=3)[:32], calibration_starts(n_ids, 32, length, seed=3))
+
+
 def test_calibration_windows_too_short():
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(torch.arange(4), 2, 5, seed=0)
