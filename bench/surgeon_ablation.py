@@ -78,8 +78,12 @@ HEAD_KINDS = ("heads", "kv_heads")
 
 
 VALID_CALIB = 32  # validation windows are disjoint from the 32 x 512 calibration windows (`--valid-avoid`)
-TEXTS = {"test": "wikitext-2-raw wiki.test.raw",
-         "valid": f"wikitext-2 valid.txt disjoint from the {VALID_CALIB} x 512 calibration windows"}
+
+
+def eval_text(split: str, avoid: int) -> str:
+    """The evaluation text of a split: the test file, or valid.txt minus the first `avoid` calibration windows."""
+    return ("wikitext-2-raw wiki.test.raw" if split == "test"
+            else f"wikitext-2 valid.txt disjoint from the {avoid} x 512 calibration windows")
 
 
 def record_path(name: str, target: float, split: str, avoid: int = VALID_CALIB) -> Path:
@@ -118,18 +122,19 @@ def non_embedding(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def sliced_then_pruned(model, calib, groups, config: SurgeonConfig, width: int) -> None:
+def sliced_then_pruned(model, calib, graph, groups, config: SurgeonConfig, width: int) -> None:
     """Slice the residual stream to `width` (`slice_residual`), then prune heads and neurons with LLM Surgeon
     (curvature collected on the sliced model) to the non-embedding parameter count N₀ − (1 − t)·P₀ of the plain
     run (N₀, P₀: the dense model's non-embedding and prunable parameters): target t' = 1 − (N_s − N₀ + (1 − t)·P₀)
-    / P_s on the sliced model's N_s, P_s.  Shrinks `model` in place."""
+    / P_s on the sliced model's N_s, P_s.  `graph`: the dense model's (its names are `model`'s).  Shrinks `model`
+    in place."""
     budget = non_embedding(model) - (1 - config.target) * prunable_count(model, groups)
-    slice_residual(model, build_graph(model, (calib[:1, :64],)), calib, width)
-    graph = build_graph(model, (calib[:1, :64],))
-    sliced = [g for g in prunable_groups(graph, 1) if g.kind in HEAD_KINDS + ("neurons",)]
+    slice_residual(model, graph, calib, width)
+    sliced_graph = build_graph(model, (calib[:1, :64],))
+    sliced = [g for g in prunable_groups(sliced_graph, 1) if g.kind in HEAD_KINDS + ("neurons",)]
     target = 1 - (non_embedding(model) - budget) / prunable_count(model, sliced)
     result = prune(model, calib, sliced, replace(config, target=target))
-    shrink(model, graph, {g: u for g, u in result.removed.items() if u})
+    shrink(model, sliced_graph, {g: u for g, u in result.removed.items() if u})
 
 
 def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float, split: str,
@@ -148,7 +153,7 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
             logs = [{"lora_loss": lora_correct(pruned, calib, layers, {}, config.lora_rank, config.lora_steps,
                                                config.lora_lr, seed=config.seed)}] if config.lora_rank else []
         elif options.get("residual_width"):
-            sliced_then_pruned(pruned, calib, groups, config, options["residual_width"])
+            sliced_then_pruned(pruned, calib, graph, groups, config, options["residual_width"])
             logs = []
         elif options.get("head_share"):
             removed = forced_heads(pruned, calib, groups, factors, config, options["head_share"])
@@ -163,8 +168,8 @@ def run_variant(name: str, model, tokenizer, graph, groups, evals, target: float
             "target": 1.0 if options.get("dense") else target, "shot_logs": logs,
             "shots": 0 if options.get("dense") else config.shots, "ppl": perplexity(pruned, evals).ppl, "prune_s": seconds,
             "peak_rss_mib": rss.peak, "params": sum(p.numel() for p in pruned.parameters()),
-            "evaluation": f"first {len(evals)} x 2048-token windows of {TEXTS[split]}".replace(
-                f"the {VALID_CALIB} x", f"the {avoid} x"), "split": split, "valid_avoid": avoid,
+            "evaluation": f"first {len(evals)} x 2048-token windows of {eval_text(split, avoid)}", "split": split,
+            "valid_avoid": avoid,
             "machine": machine()}
 
 
