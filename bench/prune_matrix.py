@@ -329,6 +329,9 @@ def write_table(out: Path) -> None:
              "model, which the matrix collects once and shares (its time is in the analysis and, for caches "
              "written from now on, in `prune_matrix_cache/*.json`). Peak RSS is the whole process, which holds "
              "that shared curvature of every layer, so it overstates each method's own need.",
+             "- N:M: L-OBD (cost w²·A_jj) and K-OBD (w²·G_ii·A_jj) keep the same weights, so their rows agree: a "
+             "group of M weights lies in one output row i, where G_ii is a common factor, and neither updates "
+             "the weights it keeps.",
              *precision_note(runs), "",
              "| structure | target | method | PPL | Δ vs dense | params kept | linear kept | prune time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
