@@ -9,6 +9,8 @@ Evaluation: the first `--eval-windows` non-overlapping 2048-token windows of wik
 whole file tokenized once), or all 147 with `--eval-windows 0`; with `--split valid` instead the 2048-token
 windows of valid.txt that share no token with the calibration windows (`data.validation_windows`), the text
 on which settings are chosen (runs in `<out>_valid/`).
+`--lora-rank` adds LLM Surgeon's low-rank corrections after each shot; SparseGPT and Wanda, one-shot, get the
+same corrections after their pruning (`peer_corrections`), so their "+ LoRA" rows are the like-for-like control.
 `--eval-bf16` scores under bfloat16 autocast (1.7x faster on this CPU, docs/results/eval_precision.md) and
 checks each run's first 4 windows in float32 (`bf16_rel_error` in its JSON, † in the table).
 FLAP and Wanda-sp (`passes/flap.py`, `passes/wanda_sp.py`) prune the same exact groups as the structured LLM
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from surgeon_fx.passes.curvature import KronFactors, collect_kfac  # noqa: E402
-from surgeon_fx.passes.surgeon import pruned_layers  # noqa: E402
+from surgeon_fx.passes.lora import lora_correct  # noqa: E402
+from surgeon_fx.passes.surgeon import SurgeonConfig, pruned_layers  # noqa: E402
 from surgeon_fx.data import calibration_windows, eval_windows, read_text, tokenize, validation_windows  # noqa: E402
 from surgeon_fx.evaluate import perplexity  # noqa: E402
 from surgeon_fx.graph import build_graph  # noqa: E402
@@ -60,6 +63,7 @@ CACHE = RESULTS / "prune_matrix_cache"  # dense KFAC factors per calibration siz
 CHECK_WINDOWS = 4  # windows scored in both float32 and bf16 by an --eval-bf16 run
 BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
 # in the order they run: a partial matrix is still a useful table (the slow LLM Surgeon sparse runs come last)
+SPARSE_PEERS = ("sparsegpt", "wanda")  # one-shot unstructured / N:M peers
 STRUCTURED_PEERS = {"flap": flap, "flap-kind": partial(flap, standardise="kind"), "wanda-sp": wanda_sp}
 MATRIX = ([(m, "structured", t) for t in (0.9, 0.8, 0.7) for m in BASELINES + ("slicegpt", "flap", "wanda-sp")]
           + [(m, s, 0.5) for s in ("2:4", "unstructured") for m in ("sparsegpt", "wanda") + BASELINES[1:]]
@@ -225,8 +229,10 @@ def main() -> None:
         shots = args.shots if structure == "structured" else args.sparse_shots
         # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
         python_api = method == "slicegpt" or method in STRUCTURED_PEERS  # passes called directly
+        # one-shot sparse peers take no LoRA recipe: with --lora-rank the same corrections follow their pruning
+        peer_lora = args.lora_rank if method in SPARSE_PEERS else 0
         recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots,
-                                                lora_rank=args.lora_rank, lora_steps=args.lora_steps,
+                                                lora_rank=args.lora_rank - peer_lora, lora_steps=args.lora_steps,
                                                 nm_select=args.nm_select)
         if recipe is not None:
             recipe.check()
@@ -253,6 +259,8 @@ def main() -> None:
             else:
                 outcome = run_pruning(pruned, recipe, groups, calib, RunContext(collect_curvature=collect))
                 removed, logs = outcome.removed, outcome.shots
+                if peer_lora:
+                    logs = logs + [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
             seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -273,6 +281,18 @@ def main() -> None:
               f"{seconds:6.0f} s  {rss.peak:6.0f} MiB", flush=True)
         del pruned
     write_table(args.out)
+
+
+def peer_corrections(model, calib: torch.Tensor, rank: int, steps: int) -> list[float]:
+    """LLM Surgeon's low-rank corrections after a one-shot sparse peer (SparseGPT, Wanda): rank-`rank` adapters
+    on the layers LLM Surgeon corrects, masked to the weights the peer kept (w ≠ 0), `steps` Adam steps at
+    LLM Surgeon's learning rate and first-shot seed, so a "+ LoRA" row of a peer is trained as LLM Surgeon's.
+    Returns the loss at each step."""
+    layers = pruned_layers(model, None)
+    modules = dict(model.named_modules())
+    masks = {f"{name}.weight": modules[name].weight != 0 for name in layers}
+    config = SurgeonConfig()
+    return lora_correct(model, calib, layers, masks, rank, steps, config.lora_lr, seed=config.seed)
 
 
 def evaluate(model, evals: torch.Tensor, batch: int, bf16: bool) -> dict:

@@ -66,6 +66,7 @@ VARIANTS = {
     "k-obd-calib32-4shots": ({"curvature": "diag_ga", "shots": 4}, 32),
     # twice the calibration tokens: compared with consumer-calib32 on validation windows avoiding all 64 windows
     "consumer-calib64": ({"update": "consumer"}, 64),
+    "consumer-calib64-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 64),
     # attention heads forced out: this share of the head groups' parameters goes first (same dense curvature,
     # so one shot), MLP neurons make up the rest of the target; 0.2 at target 0.8 is a uniform allocation
     "consumer-calib32-heads0.1": ({"update": "consumer", "head_share": 0.1}, 32),
@@ -214,6 +215,8 @@ LEVERS = [("update: consumer instead of none", "none-calib32", "consumer-calib32
           ("damping 0.1 instead of 0.01", "consumer-calib32", "consumer-damp0.1-calib32", VALID_CALIB),
           ("2x calibration tokens (64 x 512)", "consumer-calib32", "consumer-calib64", 64),
           ("LoRA rank 8, 32 steps", "consumer-calib32", "consumer-calib32-lora8", VALID_CALIB),
+          ("2x calibration tokens (64 x 512) with LoRA rank 8, 32 steps", "consumer-calib32-lora8",
+           "consumer-calib64-lora8", 64),
           ("LoRA rank 8, 64 steps", "consumer-calib32", "consumer-calib32-lora8-64steps", VALID_CALIB),
           ("the same LoRA on the dense model (adaptation alone)", "dense", "dense-lora8", VALID_CALIB),
           ("10% of head parameters forced out", "consumer-calib32", "consumer-calib32-heads0.1", VALID_CALIB),
