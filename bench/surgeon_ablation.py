@@ -188,7 +188,8 @@ def write_table() -> None:
              "both factors. `correlated` updates producers (rows, via G) and consumers (columns, via A) of every "
              "removed unit; `consumer` only the consumers; `none` zeroes the removed units. `commit` is HEAD when the "
              "row was written: the 8e612b6 rows ran on the uncommitted code committed next as 396f549, the 5e35e84 "
-             "rows (forced heads, 64 x 512 calibration) on the code committed next with them.", "",
+             "rows (forced heads, 64 x 512 calibration) on the code committed next with them, the 2d3a3c3 row "
+             "(consumer-calib64-lora8) on the variant committed next as e0fd4b8.", "",
              "| variant | target | update | damping A | damping G | calibration | shots | PPL | eval | prune (s) "
              "| commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
