@@ -67,6 +67,7 @@ VARIANTS = {
     # twice the calibration tokens: compared with consumer-calib32 on validation windows avoiding all 64 windows
     "consumer-calib64": ({"update": "consumer"}, 64),
     "consumer-calib64-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 64),
+    "consumer-calib64-lora8-64steps": ({"update": "consumer", "lora_rank": 8, "lora_steps": 64}, 64),
     # attention heads forced out: this share of the head groups' parameters goes first (same dense curvature,
     # so one shot), MLP neurons make up the rest of the target; 0.2 at target 0.8 is a uniform allocation
     "consumer-calib32-heads0.1": ({"update": "consumer", "head_share": 0.1}, 32),
@@ -218,6 +219,8 @@ LEVERS = [("update: consumer instead of none", "none-calib32", "consumer-calib32
           ("LoRA rank 8, 32 steps", "consumer-calib32", "consumer-calib32-lora8", VALID_CALIB),
           ("2x calibration tokens (64 x 512) with LoRA rank 8, 32 steps", "consumer-calib32-lora8",
            "consumer-calib64-lora8", 64),
+          ("LoRA 64 steps instead of 32 with 64 x 512 calibration", "consumer-calib64-lora8",
+           "consumer-calib64-lora8-64steps", 64),
           ("LoRA rank 8, 64 steps", "consumer-calib32", "consumer-calib32-lora8-64steps", VALID_CALIB),
           ("the same LoRA on the dense model (adaptation alone)", "dense", "dense-lora8", VALID_CALIB),
           ("10% of head parameters forced out", "consumer-calib32", "consumer-calib32-heads0.1", VALID_CALIB),
@@ -253,17 +256,19 @@ def split_label(row: dict) -> str:
 
 
 def chosen_on_validation(rows: list[dict]) -> list[str]:
-    """Per target, the variant with the lowest perplexity on the validation windows (`--split valid` rows that
-    avoid the default 32 calibration windows; rows on other validation windows compare among themselves)."""
-    rows = [r for r in rows if r.get("valid_avoid", VALID_CALIB) == VALID_CALIB]
+    """Per target and set of validation windows, the variant with the lowest perplexity (`--split valid` rows;
+    rows on windows avoiding more calibration windows, `valid⊥N`, compare only among themselves)."""
     out = []
-    for target in sorted({r["target"] for r in rows if r.get("split") == "valid" and r["target"] < 1}, reverse=True):
-        valid = sorted((r for r in rows if r.get("split") == "valid" and r["target"] == target),
+    pruned = [r for r in rows if r.get("split") == "valid" and r["target"] < 1]
+    for avoid, target in sorted({(r.get("valid_avoid", VALID_CALIB), r["target"]) for r in pruned},
+                                key=lambda k: (k[0], -k[1])):
+        valid = sorted((r for r in pruned if r["target"] == target and r.get("valid_avoid", VALID_CALIB) == avoid),
                        key=lambda r: r["ppl"])
         ranked = ", ".join(f"{r['name']} {r['ppl']:.2f}" for r in valid)
-        out += ["", f"**Chosen on validation text, target {target:g}: {valid[0]['name']}** (PPL on the "
-                f"{valid[0]['evaluation'].split(' x ')[0].replace('first ', '')} validation windows, best first: "
-                f"{ranked})."]
+        out += ["", f"**Chosen on validation text ({split_label(valid[0])}), target {target:g}: {valid[0]['name']}** "
+                f"(PPL on the {valid[0]['evaluation'].split(' x ')[0].replace('first ', '')} validation windows, "
+                f"best first: {ranked})."]
+    rows = [r for r in rows if r.get("valid_avoid", VALID_CALIB) == VALID_CALIB]
     references = [r for r in rows if r.get("split") == "valid" and r["target"] >= 1]
     if references:
         out += ["", "Unpruned references on the same validation windows: "
