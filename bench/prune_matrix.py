@@ -321,6 +321,23 @@ def save_layer_sizes(model, out: Path) -> None:
     (out / "layer_sizes.json").write_text(json.dumps(sizes))
 
 
+def command_line(out: Path, runs: list[dict]) -> str:
+    """The command that measures the table's runs again, derived from the setup each run records."""
+    setup = runs[0]
+    windows, length = (int(x) for x in setup["calibration"].split(" tokens")[0].split(" x "))
+    flags = [f"--eval-windows {setup['evaluation'].split(' x ')[0].removeprefix('first ')}"]
+    flags += ["--split valid"] if "valid.txt" in setup["evaluation"] else []
+    flags += [f"--calib-windows {windows}"] if windows != 32 else []
+    flags += [f"--calib-length {length}"] if length != 512 else []
+    flags += [f"--shots {setup['shots']['structured']}"] if setup["shots"]["structured"] != 1 else []
+    flags += [f"--sparse-shots {setup['shots']['sparse']}"] if setup["shots"]["sparse"] != 1 else []
+    flags += [f"--lora-rank {setup['lora']['rank']} --lora-steps {setup['lora']['steps']}"] if setup.get("lora") else []
+    flags += [f"--nm-select {setup['nm_select']}"] if setup.get("nm_select", "sequential") != "sequential" else []
+    flags += ["--eval-bf16"] if any(r.get("eval_dtype", "float32") != "float32" for r in runs) else []
+    only = " ".join(f"{r['method']}/{r['structure']}/{r['target']:g}" for r in runs)
+    return f"python bench/prune_matrix.py {' '.join(flags)} --out {out.resolve().relative_to(ROOT)} --only {only}"
+
+
 def write_table(out: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     dense = [json.loads(p.read_text()) for p in sorted(out.glob("dense_*.json"))]
@@ -336,6 +353,7 @@ def write_table(out: Path) -> None:
              + (f"; low-rank corrections after each shot: rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} "
                 "Adam steps on the calibration windows" if runs[0].get("lora") else ""),
              f"- Evaluation: {runs[0]['evaluation']}",
+             f"- Command: `{command_line(out, runs)}`",
              f"- Machine: {runs[0]['machine']['platform']}, {runs[0]['machine']['cpus']} CPUs, torch "
              f"{runs[0]['machine']['torch']}; commits {sorted({r['machine']['commit'] for r in runs})}",
              "- Target: fraction of prunable parameters kept (structured: parameters of the exact groups — heads "
