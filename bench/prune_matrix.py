@@ -9,8 +9,9 @@ Evaluation: the first `--eval-windows` non-overlapping 2048-token windows of wik
 whole file tokenized once), or all 147 with `--eval-windows 0`; with `--split valid` instead the 2048-token
 windows of valid.txt that share no token with the calibration windows (`data.validation_windows`), the text
 on which settings are chosen (runs in `<out>_valid/`).
-`--lora-rank` adds LLM Surgeon's low-rank corrections after each shot; SparseGPT and Wanda, one-shot, get the
-same corrections after their pruning (`peer_corrections`), so their "+ LoRA" rows are the like-for-like control.
+`--lora-rank` adds LLM Surgeon's low-rank corrections after each shot; the one-shot peers (SparseGPT, Wanda, FLAP,
+Wanda-sp; not SliceGPT) get the same corrections after their pruning (`peer_corrections`), so their "+ LoRA" rows
+are the like-for-like control.  `--damp-a` sets the relative damping of A for the KFAC methods.
 `--eval-bf16` scores under bfloat16 autocast (1.7x faster on this CPU, docs/results/eval_precision.md) and
 checks each run's first 4 windows in float32 (`bf16_rel_error` in its JSON, † in the table).
 FLAP and Wanda-sp (`passes/flap.py`, `passes/wanda_sp.py`) prune the same exact groups as the structured LLM
@@ -65,6 +66,7 @@ BASELINES = ("surgeon", "magnitude", "k-obd", "l-obd")
 # in the order they run: a partial matrix is still a useful table (the slow LLM Surgeon sparse runs come last)
 SPARSE_PEERS = ("sparsegpt", "wanda")  # one-shot unstructured / N:M peers
 STRUCTURED_PEERS = {"flap": flap, "flap-kind": partial(flap, standardise="kind"), "wanda-sp": wanda_sp}
+CORRECTED_PEERS = SPARSE_PEERS + tuple(STRUCTURED_PEERS)  # get LLM Surgeon's LoRA corrections (--lora-rank)
 MATRIX = ([(m, "structured", t) for t in (0.9, 0.8, 0.7) for m in BASELINES + ("slicegpt", "flap", "wanda-sp")]
           + [(m, s, 0.5) for s in ("2:4", "unstructured") for m in ("sparsegpt", "wanda") + BASELINES[1:]]
           + [("surgeon", s, 0.5) for s in ("2:4", "unstructured")])
@@ -172,6 +174,8 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="low-rank corrections after each shot of the "
                                                              "multi-shot methods (surgeon, k-obd, l-obd, magnitude)")
     ap.add_argument("--lora-steps", type=int, default=20, help="Adam steps of those corrections per shot")
+    ap.add_argument("--damp-a", type=float, default=SurgeonConfig.damp_a,
+                    help="relative damping of A (x its mean diagonal) for surgeon, k-obd and l-obd")
     ap.add_argument("--nm-select", choices=("sequential", "fixed"), default="sequential",
                     help="LLM Surgeon N:M choice during the update's sweep or before it")
     ap.add_argument("--only", nargs="*", help="runs as method/structure/target, e.g. surgeon/2:4/0.5")
@@ -212,7 +216,7 @@ def main() -> None:
              "evaluation": f"first {len(evals)} x 2048-token windows of {where}",
              "shots": {"structured": args.shots, "sparse": args.sparse_shots},
              "lora": {"rank": args.lora_rank, "steps": args.lora_steps} if args.lora_rank else None,
-             "nm_select": args.nm_select, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
+             "nm_select": args.nm_select, "damp_a": args.damp_a, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
     if not dense_file.exists():
         start = time.perf_counter()
@@ -229,11 +233,11 @@ def main() -> None:
         shots = args.shots if structure == "structured" else args.sparse_shots
         # SliceGPT is a Python-API pass (its tied-head tail is not a recipe output)
         python_api = method == "slicegpt" or method in STRUCTURED_PEERS  # passes called directly
-        # one-shot sparse peers take no LoRA recipe: with --lora-rank the same corrections follow their pruning
-        peer_lora = args.lora_rank if method in SPARSE_PEERS else 0
+        # one-shot peers take no LoRA recipe: with --lora-rank the same corrections follow their pruning
+        peer_lora = args.lora_rank if method in CORRECTED_PEERS else 0
         recipe = None if python_api else Recipe(structure=structure, target=target, method=method, shots=shots,
                                                 lora_rank=args.lora_rank - peer_lora, lora_steps=args.lora_steps,
-                                                nm_select=args.nm_select)
+                                                nm_select=args.nm_select, damp_a=args.damp_a)
         if recipe is not None:
             recipe.check()
         groups = prunable_groups(graph, 1) if structure == "structured" else None
@@ -252,6 +256,8 @@ def main() -> None:
             if method in STRUCTURED_PEERS:
                 removed = STRUCTURED_PEERS[method](pruned, calib, groups, target)
                 plan, logs = shrink(pruned, graph, {g: u for g, u in removed.items() if u}), []
+                if peer_lora:
+                    logs = [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
             elif recipe is None:
                 width = round(target * pruned.config.hidden_size)
                 sliced = slice_residual(pruned, graph, calib, width)
@@ -284,9 +290,10 @@ def main() -> None:
 
 
 def peer_corrections(model, calib: torch.Tensor, rank: int, steps: int) -> list[float]:
-    """LLM Surgeon's low-rank corrections after a one-shot sparse peer (SparseGPT, Wanda): rank-`rank` adapters
-    on the layers LLM Surgeon corrects, masked to the weights the peer kept (w ≠ 0), `steps` Adam steps at
-    LLM Surgeon's learning rate and first-shot seed, so a "+ LoRA" row of a peer is trained as LLM Surgeon's.
+    """LLM Surgeon's low-rank corrections after a one-shot peer (`CORRECTED_PEERS`): rank-`rank` adapters on the
+    layers LLM Surgeon corrects, masked to the weights the peer kept (w ≠ 0; a structured peer's layers, already
+    shrunk, keep all), `steps` Adam steps at LLM Surgeon's learning rate and first-shot seed, so a "+ LoRA" row
+    of a peer is trained as LLM Surgeon's.
     Returns the loss at each step."""
     layers = pruned_layers(model, None)
     modules = dict(model.named_modules())
@@ -333,9 +340,10 @@ def command_line(out: Path, runs: list[dict]) -> str:
     flags += [f"--sparse-shots {setup['shots']['sparse']}"] if setup["shots"]["sparse"] != 1 else []
     flags += [f"--lora-rank {setup['lora']['rank']} --lora-steps {setup['lora']['steps']}"] if setup.get("lora") else []
     flags += [f"--nm-select {setup['nm_select']}"] if setup.get("nm_select", "sequential") != "sequential" else []
+    flags += [f"--damp-a {setup['damp_a']:g}"] if setup.get("damp_a", SurgeonConfig.damp_a) != SurgeonConfig.damp_a else []
     flags += ["--eval-bf16"] if any(r.get("eval_dtype", "float32") != "float32" for r in runs) else []
     only = " ".join(f"{r['method']}/{r['structure']}/{r['target']:g}" for r in runs)
-    return f"python bench/prune_matrix.py {' '.join(flags)} --out {out.resolve().relative_to(ROOT)} --only {only}"
+    return f"python bench/prune_matrix.py {' '.join(flags)} --out {os.path.relpath(out.resolve(), ROOT)} --only {only}"
 
 
 def write_table(out: Path) -> None:
