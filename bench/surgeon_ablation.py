@@ -79,6 +79,7 @@ VARIANTS = {
 HEAD_KINDS = ("heads", "kv_heads")
 
 
+DEFAULT_TARGET, DEFAULT_EVAL_WINDOWS = 0.9, 4  # `--target`, `--eval-windows`
 VALID_CALIB = 32  # validation windows are disjoint from the 32 x 512 calibration windows (`--valid-avoid`)
 
 
@@ -184,7 +185,8 @@ def write_table() -> None:
              "Structured pruning (heads and MLP neurons) of SmolLM2-135M; calibration windows of 512 tokens from "
              "wikitext-2 valid.txt (seed 0); perplexity (column `eval`) on the first 2048-token windows of "
              "wikitext-2-raw wiki.test.raw (`test`) or, where settings are chosen, of valid.txt windows that share "
-             "no token with the 32 x 512 calibration windows (`valid`, `--split valid`). Command: `python bench/surgeon_ablation.py`; each row's machine and commit are in "
+             "no token with the 32 x 512 calibration windows (`valid`, `--split valid`). Each row is measured again by "
+             "`python bench/surgeon_ablation.py` with the row's `flags`; its machine and commit are in "
              "`surgeon_ablation/<name>.json`. Damping is relative (× mean diagonal); the defaults are 0.01 for "
              "both factors. `correlated` updates producers (rows, via G) and consumers (columns, via A) of every "
              "removed unit; `consumer` only the consumers; `none` zeroes the removed units. `commit` is HEAD when the "
@@ -192,7 +194,7 @@ def write_table() -> None:
              "rows (forced heads, 64 x 512 calibration) on the code committed next with them, the 2d3a3c3 row "
              "(consumer-calib64-lora8) on the variant committed next as e0fd4b8.", "",
              "| variant | target | update | damping A | damping G | calibration | shots | PPL | eval | prune (s) "
-             "| commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| commit | flags |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["options"]
         update = "none (K-OBD: diagonal costs)" if o.get("curvature") == "diag_ga" else o.get("update", "correlated")
@@ -206,9 +208,21 @@ def write_table() -> None:
         lines.append(f"| {r['name']} | {r['target']:g} | {update} | "
                      f"{o.get('damp_a', 0.01):g} | {o.get('damp_g', 0.01):g} | {r['calibration']} | {r['shots']} | "
                      f"{r['ppl']:.2f} | {r['evaluation'].split(' x ')[0].replace('first ', '')} {split_label(r)} | "
-                     f"{r['prune_s']:.0f} | {r['machine']['commit']} |")
+                     f"{r['prune_s']:.0f} | {r['machine']['commit']} | `{flags_of(r)}` |")
     lines += lever_summary(rows) + chosen_on_validation(rows)
     (ROOT / "docs/results/surgeon_ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def flags_of(row: dict) -> str:
+    """The flags of `python bench/surgeon_ablation.py` that measure this row again: its variant, target (a dense
+    reference prunes nothing, so it needs none), evaluation windows and split."""
+    windows = int(row["evaluation"].split(" x ")[0].removeprefix("first "))
+    avoid = row.get("valid_avoid", VALID_CALIB)
+    flags = [f"--target {row['target']:g}"] if row["target"] != DEFAULT_TARGET and row["target"] < 1 else []
+    flags += [f"--eval-windows {windows}"] if windows != DEFAULT_EVAL_WINDOWS else []
+    flags += ["--split valid"] if row.get("split") == "valid" else []
+    flags += [f"--valid-avoid {avoid}"] if row.get("split") == "valid" and avoid != VALID_CALIB else []
+    return " ".join(flags + [f"--only {row['name']}"])
 
 
 # lever → (baseline variant, variant), both at target 0.8 on the same validation windows (`valid_avoid`)
@@ -282,8 +296,8 @@ def chosen_on_validation(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--eval-windows", type=int, default=4, help="first k windows; 0 = all")
+    ap.add_argument("--target", type=float, default=DEFAULT_TARGET)
+    ap.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="first k windows; 0 = all")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS))
     ap.add_argument("--split", choices=("test", "valid"), default="test")
     ap.add_argument("--valid-avoid", type=int, default=VALID_CALIB,
