@@ -358,8 +358,9 @@ def write_table(out: Path) -> None:
     lines = ["# Pruning SmolLM2-135M: method × structure × target", "",
              f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",
              f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}"
-             + (f"; low-rank corrections after each shot: rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} "
-                "Adam steps on the calibration windows" if runs[0].get("lora") else ""),
+             + (f"; low-rank corrections after each shot (the one-shot peers: after their pruning, masked to the "
+                f"weights they kept): rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} Adam steps on the "
+                "calibration windows" if runs[0].get("lora") else ""),
              f"- Evaluation: {runs[0]['evaluation']}",
              f"- Command: `{command_line(out, runs)}`",
              f"- Machine: {runs[0]['machine']['platform']}, {runs[0]['machine']['cpus']} CPUs, torch "
