@@ -157,7 +157,8 @@ def dense_factors(model, calib, graph, cache: Path) -> dict:
     return factors
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--calib-length", type=int, default=512)
@@ -172,7 +173,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=1, help="shots for structured runs")
     ap.add_argument("--sparse-shots", type=int, default=1, help="shots for unstructured and N:M runs")
     ap.add_argument("--lora-rank", type=int, default=0, help="low-rank corrections after each shot of the "
-                                                             "multi-shot methods (surgeon, k-obd, l-obd, magnitude)")
+                                                             "multi-shot methods (surgeon, k-obd, l-obd, magnitude) "
+                                                             "and after the pruning of the one-shot peers")
     ap.add_argument("--lora-steps", type=int, default=20, help="Adam steps of those corrections per shot")
     ap.add_argument("--damp-a", type=float, default=SurgeonConfig.damp_a,
                     help="relative damping of A (x its mean diagonal) for surgeon, k-obd and l-obd")
@@ -183,7 +185,11 @@ def main() -> None:
                                              "is <out>.md, the plots <out>_<structure>/")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
     ap.add_argument("--reverse", action="store_true", help="take the runs from the end (a second worker)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.out = args.out or RESULTS / (f"prune_matrix_{args.calib_windows}x{args.calib_length}"
                                       + ("_valid" if args.split == "valid" else ""))
     runs_dir = args.out / "runs"
@@ -216,7 +222,8 @@ def main() -> None:
              "evaluation": f"first {len(evals)} x 2048-token windows of {where}",
              "shots": {"structured": args.shots, "sparse": args.sparse_shots},
              "lora": {"rank": args.lora_rank, "steps": args.lora_steps} if args.lora_rank else None,
-             "nm_select": args.nm_select, "damp_a": args.damp_a, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
+             "nm_select": args.nm_select, "damp_a": args.damp_a,
+             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
     if not dense_file.exists():
         start = time.perf_counter()

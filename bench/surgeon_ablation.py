@@ -294,7 +294,8 @@ def chosen_on_validation(rows: list[dict]) -> list[str]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=float, default=DEFAULT_TARGET)
     ap.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="first k windows; 0 = all")
@@ -304,7 +305,11 @@ def main() -> None:
                     help="validation windows avoid the first N calibration windows of 512 tokens (the first 32 are "
                          "those of every 32-window variant: the sets grow by appending)")
     ap.add_argument("--table", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     avoid = args.valid_avoid
     names = args.only or [n for n in VARIANTS if args.split == "test" or VARIANTS[n][1] == avoid]
