@@ -263,8 +263,6 @@ def main() -> None:
             if method in STRUCTURED_PEERS:
                 removed = STRUCTURED_PEERS[method](pruned, calib, groups, target)
                 plan, logs = shrink(pruned, graph, {g: u for g, u in removed.items() if u}), []
-                if peer_lora:
-                    logs = [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
             elif recipe is None:
                 width = round(target * pruned.config.hidden_size)
                 sliced = slice_residual(pruned, graph, calib, width)
@@ -272,9 +270,9 @@ def main() -> None:
             else:
                 outcome = run_pruning(pruned, recipe, groups, calib, RunContext(collect_curvature=collect))
                 removed, logs = outcome.removed, outcome.shots
-                if peer_lora:
-                    logs = logs + [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
+            if peer_lora:  # after the peer's pruning (and, structured, its shrink): the same corrections
+                logs = logs + [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
             seconds = time.perf_counter() - start
         start = time.perf_counter()
         scores = evaluate(pruned, evals, args.eval_batch, args.eval_bf16)
@@ -335,19 +333,24 @@ def save_layer_sizes(model, out: Path) -> None:
     (out / "layer_sizes.json").write_text(json.dumps(sizes))
 
 
+def evaluated_windows(evaluation: str) -> int:
+    """How many windows a run's recorded `evaluation` ("first N x 2048-token windows of ...") scored."""
+    return int(evaluation.split(" x ")[0].removeprefix("first "))
+
+
 def command_line(out: Path, runs: list[dict]) -> str:
-    """The command that measures the table's runs again, derived from the setup each run records."""
-    setup = runs[0]
+    """The command that measures the table's runs again, derived from the setup each run records; options at
+    the parser's defaults are left out (a setup recorded before an option existed had its default)."""
+    setup, default = runs[0], parser().get_default
     windows, length = (int(x) for x in setup["calibration"].split(" tokens")[0].split(" x "))
-    flags = [f"--eval-windows {setup['evaluation'].split(' x ')[0].removeprefix('first ')}"]
+    recorded = {"calib-windows": windows, "calib-length": length, "shots": setup["shots"]["structured"],
+                "sparse-shots": setup["shots"]["sparse"], "nm-select": setup.get("nm_select", default("nm_select")),
+                "damp-a": setup.get("damp_a", default("damp_a"))}
+    flags = [f"--eval-windows {evaluated_windows(setup['evaluation'])}"]
     flags += ["--split valid"] if "valid.txt" in setup["evaluation"] else []
-    flags += [f"--calib-windows {windows}"] if windows != 32 else []
-    flags += [f"--calib-length {length}"] if length != 512 else []
-    flags += [f"--shots {setup['shots']['structured']}"] if setup["shots"]["structured"] != 1 else []
-    flags += [f"--sparse-shots {setup['shots']['sparse']}"] if setup["shots"]["sparse"] != 1 else []
+    flags += [f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
+              for name, value in recorded.items() if value != default(name.replace("-", "_"))]
     flags += [f"--lora-rank {setup['lora']['rank']} --lora-steps {setup['lora']['steps']}"] if setup.get("lora") else []
-    flags += [f"--nm-select {setup['nm_select']}"] if setup.get("nm_select", "sequential") != "sequential" else []
-    flags += [f"--damp-a {setup['damp_a']:g}"] if setup.get("damp_a", SurgeonConfig.damp_a) != SurgeonConfig.damp_a else []
     flags += ["--eval-bf16"] if any(r.get("eval_dtype", "float32") != "float32" for r in runs) else []
     only = " ".join(f"{r['method']}/{r['structure']}/{r['target']:g}" for r in runs)
     return f"python bench/prune_matrix.py {' '.join(flags)} --out {os.path.relpath(out.resolve(), ROOT)} --only {only}"

@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.prune_matrix import CACHE, DATA, PeakRSS, dense_factors, machine, shared_first_shot  # noqa: E402
+from bench.prune_matrix import (CACHE, DATA, PeakRSS, dense_factors, evaluated_windows, machine,  # noqa: E402
+                                shared_first_shot)
 from surgeon_fx.passes.lora import lora_correct  # noqa: E402
 from surgeon_fx.passes.rewrite import shrink  # noqa: E402
 from surgeon_fx.passes.slicegpt import slice_residual  # noqa: E402
@@ -216,7 +217,7 @@ def write_table() -> None:
 def flags_of(row: dict) -> str:
     """The flags of `python bench/surgeon_ablation.py` that measure this row again: its variant, target (a dense
     reference prunes nothing, so it needs none), evaluation windows and split."""
-    windows = int(row["evaluation"].split(" x ")[0].removeprefix("first "))
+    windows = evaluated_windows(row["evaluation"])
     avoid = row.get("valid_avoid", VALID_CALIB)
     flags = [f"--target {row['target']:g}"] if row["target"] != DEFAULT_TARGET and row["target"] < 1 else []
     flags += [f"--eval-windows {windows}"] if windows != DEFAULT_EVAL_WINDOWS else []
