@@ -19,6 +19,8 @@ Surgeon rows and go through the same rewrite; `flap-kind` is FLAP with scores st
 Every run starts from the same dense model in one process; the dense model's curvature for the first shot is
 computed once and shared by the runs that use KFAC statistics (identical data and model, so identical factors); later shots re-estimate on the pruned model.
 Each run is written to `<out>/runs/<id>.json` as it finishes, so an interrupted matrix resumes.
+The dense model's score is copied from an earlier run folder that scored the same windows in the same precision
+(`measured_dense`) instead of measured again.
 """
 from __future__ import annotations
 
@@ -225,7 +227,11 @@ def main() -> None:
              "nm_select": args.nm_select, "damp_a": args.damp_a,
              "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32)"}
     dense_file = args.out / f"dense_{len(evals)}.json"
-    if not dense_file.exists():
+    earlier = measured_dense(setup, args.eval_bf16, [RESULTS, args.out.parent])
+    if not dense_file.exists() and earlier is not None:  # the same windows scored the same way: no re-evaluation
+        dense_file.write_text(json.dumps({**json.loads(earlier.read_text()), **setup,
+                                          "copied_from": os.path.relpath(earlier.resolve(), ROOT)}, indent=1))
+    elif not dense_file.exists():
         start = time.perf_counter()
         scores = evaluate(model, evals, args.eval_batch, args.eval_bf16)
         dense_file.write_text(json.dumps({**scores, "eval_s": time.perf_counter() - start, **setup,
@@ -327,6 +333,20 @@ def evaluate(model, evals: torch.Tensor, batch: int, bf16: bool) -> dict:
             "bf16_rel_error": head_bf16.ppl / head.ppl - 1}
 
 
+def measured_dense(setup: dict, bf16: bool, folders: list[Path]) -> Path | None:
+    """A dense record (`<folder>/<run folder>/dense_<k>.json`, measured, not itself copied) of the same model on the
+    same evaluation windows in the same precision as `setup`'s, or None.  Test windows depend only on their count;
+    validation windows also on the calibration windows they avoid, so those must match too."""
+    dtype = "bfloat16 autocast" if bf16 else "float32"
+    keys = ("model", "evaluation") + (("calibration",) if "valid.txt" in setup["evaluation"] else ())
+    for path in sorted({p.resolve() for folder in folders for p in folder.glob("*/dense_*.json")}):
+        record = json.loads(path.read_text())
+        if ("copied_from" not in record and record.get("eval_dtype", "float32") == dtype
+                and all(record.get(k) == setup[k] for k in keys)):
+            return path
+    return None
+
+
 def save_layer_sizes(model, out: Path) -> None:
     """Weights per linear layer of the dense model: the weights of the per-depth and per-kind plots."""
     sizes = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -366,7 +386,9 @@ def write_table(out: Path) -> None:
              "k-obd": 7, "l-obd": 8, "magnitude": 9}
     runs.sort(key=lambda r: (r["structure"] != "structured", r["structure"], -r["target"], order[r["method"]]))
     lines = ["# Pruning SmolLM2-135M: method × structure × target", "",
-             f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}",
+             f"- Model: {runs[0]['model']}; dense PPL {dense_ppl:.2f}"
+             + (f" (the same windows scored in `{dense[0]['copied_from']}`)" if dense and "copied_from" in dense[0]
+                else ""),
              f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}"
              + (f"; low-rank corrections after each shot (the one-shot peers: after their pruning, masked to the "
                 f"weights they kept): rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} Adam steps on the "

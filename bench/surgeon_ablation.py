@@ -60,6 +60,10 @@ VARIANTS = {
     "consumer-calib32-4shots": ({"update": "consumer", "shots": 4}, 32),
     "consumer-calib32-lora8": ({"update": "consumer", "lora_rank": 8, "lora_steps": 32}, 32),
     "consumer-calib32-lora8-64steps": ({"update": "consumer", "lora_rank": 8, "lora_steps": 64}, 32),
+    # the same 64 LoRA steps split between shots (the paper's corrections between shots): each shot re-estimates
+    # the curvature on the pruned and corrected model
+    "consumer-calib32-2shots-lora8-32steps": ({"update": "consumer", "shots": 2, "lora_rank": 8, "lora_steps": 32}, 32),
+    "consumer-calib32-4shots-lora8-16steps": ({"update": "consumer", "shots": 4, "lora_rank": 8, "lora_steps": 16}, 32),
     # the references: the dense model, and the same corrections trained on it (how much of their gain is
     # adaptation to the calibration text rather than repair of the pruning)
     "dense": ({"dense": True}, 32),
@@ -202,6 +206,7 @@ def write_table() -> None:
         update = "dense model, nothing pruned" if o.get("dense") else update
         if o.get("lora_rank"):
             update += f" + LoRA rank {o['lora_rank']}, {o['lora_steps']} steps"
+            update += " after each shot" if o.get("shots", 1) > 1 else ""
         if o.get("head_share"):
             update += f", {o['head_share']:.0%} of head parameters forced out"
         if o.get("residual_width"):
@@ -237,6 +242,10 @@ LEVERS = [("update: consumer instead of none", "none-calib32", "consumer-calib32
           ("LoRA 64 steps instead of 32 with 64 x 512 calibration", "consumer-calib64-lora8",
            "consumer-calib64-lora8-64steps", 64),
           ("LoRA rank 8, 64 steps", "consumer-calib32", "consumer-calib32-lora8-64steps", VALID_CALIB),
+          ("the 64 LoRA steps between 2 shots (32 after each) instead of after 1 shot",
+           "consumer-calib32-lora8-64steps", "consumer-calib32-2shots-lora8-32steps", VALID_CALIB),
+          ("the 64 LoRA steps between 4 shots (16 after each) instead of after 1 shot",
+           "consumer-calib32-lora8-64steps", "consumer-calib32-4shots-lora8-16steps", VALID_CALIB),
           ("the same LoRA on the dense model (adaptation alone)", "dense", "dense-lora8", VALID_CALIB),
           ("10% of head parameters forced out", "consumer-calib32", "consumer-calib32-heads0.1", VALID_CALIB),
           ("20% of head parameters forced out (uniform)", "consumer-calib32", "consumer-calib32-heads0.2", VALID_CALIB),

@@ -64,3 +64,32 @@ def test_ablation_flags_reproduce_each_row():
                                  row.get("valid_avoid", ablation.VALID_CALIB)).name
         windows = int(row["evaluation"].split(" x ")[0].removeprefix("first "))
         assert args.eval_windows == windows
+
+
+def dense_record(folder: Path, windows: int, evaluation: str, calibration: str, **extra) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / f"dense_{windows}.json"
+    path.write_text(json.dumps({"ppl": 20.0, "model": "m", "evaluation": evaluation, "calibration": calibration,
+                                **extra}))
+    return path
+
+
+def test_measured_dense_reuses_only_the_same_windows_scored_the_same_way(tmp_path):
+    matrix = bench("prune_matrix")
+    test4 = "first 4 x 2048-token windows of wikitext-2-raw wiki.test.raw"
+    valid4 = "first 4 x 2048-token windows of wikitext-2 valid.txt windows disjoint from the calibration windows"
+    c32, c64 = "32 x 512 tokens, wikitext-2 valid.txt, seed 0", "64 x 512 tokens, wikitext-2 valid.txt, seed 0"
+    fp32 = dense_record(tmp_path / "a", 4, test4, c32)
+    bf16 = dense_record(tmp_path / "b", 4, test4, c32, eval_dtype="bfloat16 autocast")
+    valid = dense_record(tmp_path / "c", 4, valid4, c32)
+    dense_record(tmp_path / "d", 4, test4, c32, copied_from="a/dense_4.json")  # a copy is never a source
+    setup = {"model": "m", "evaluation": test4, "calibration": c64}
+    # test windows depend only on their count: another calibration size may reuse them
+    assert matrix.measured_dense(setup, False, [tmp_path]) == fp32.resolve()
+    assert matrix.measured_dense(setup, True, [tmp_path]) == bf16.resolve()
+    assert matrix.measured_dense({**setup, "model": "other"}, False, [tmp_path]) is None
+    assert matrix.measured_dense({**setup, "evaluation": test4.replace("4 x", "8 x")}, False, [tmp_path]) is None
+    # validation windows avoid the calibration windows: a different calibration means different windows
+    assert matrix.measured_dense({**setup, "evaluation": valid4, "calibration": c32}, False, [tmp_path]) == \
+        valid.resolve()
+    assert matrix.measured_dense({**setup, "evaluation": valid4}, False, [tmp_path]) is None
