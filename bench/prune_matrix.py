@@ -10,8 +10,9 @@ whole file tokenized once), or all 147 with `--eval-windows 0`; with `--split va
 windows of valid.txt that share no token with the calibration windows (`data.validation_windows`), the text
 on which settings are chosen (runs in `<out>_valid/`).
 `--lora-rank` adds LLM Surgeon's low-rank corrections after each shot; the one-shot peers (SparseGPT, Wanda, FLAP,
-Wanda-sp; not SliceGPT) get the same corrections after their pruning (`peer_corrections`), so their "+ LoRA" rows
-are the like-for-like control.  `--damp-a` sets the relative damping of A for the KFAC methods.
+Wanda-sp; not SliceGPT) get the same corrections after their pruning (`peer_corrections`), with as many steps as
+all shots together, so their "+ LoRA" rows are the like-for-like control.  `--damp-a` sets the relative damping
+of A for the KFAC methods.
 `--eval-bf16` scores under bfloat16 autocast (1.7x faster on this CPU, docs/results/eval_precision.md) and
 checks each run's first 4 windows in float32 (`bf16_rel_error` in its JSON, † in the table).
 FLAP and Wanda-sp (`passes/flap.py`, `passes/wanda_sp.py`) prune the same exact groups as the structured LLM
@@ -277,8 +278,9 @@ def main() -> None:
                 outcome = run_pruning(pruned, recipe, groups, calib, RunContext(collect_curvature=collect))
                 removed, logs = outcome.removed, outcome.shots
                 plan = shrink(pruned, graph, {g: u for g, u in removed.items() if u}) if groups else None
-            if peer_lora:  # after the peer's pruning (and, structured, its shrink): the same corrections
-                logs = logs + [{"lora_loss": peer_corrections(pruned, calib, peer_lora, args.lora_steps)}]
+            if peer_lora:  # after the peer's pruning (and, structured, its shrink): the same corrections, as
+                # many steps as LLM Surgeon trains over all its shots
+                logs = logs + [{"lora_loss": peer_corrections(pruned, calib, peer_lora, shots * args.lora_steps)}]
             seconds = time.perf_counter() - start
         start = time.perf_counter()
         scores = evaluate(pruned, evals, args.eval_batch, args.eval_bf16)
@@ -390,9 +392,10 @@ def write_table(out: Path) -> None:
              + (f" (the same windows scored in `{dense[0]['copied_from']}`)" if dense and "copied_from" in dense[0]
                 else ""),
              f"- Calibration: {runs[0]['calibration']}; shots: {runs[0]['shots']}"
-             + (f"; low-rank corrections after each shot (the one-shot peers: after their pruning, masked to the "
-                f"weights they kept): rank {runs[0]['lora']['rank']}, {runs[0]['lora']['steps']} Adam steps on the "
-                "calibration windows" if runs[0].get("lora") else ""),
+             + (f"; low-rank corrections after each shot (the one-shot peers: after their pruning, as many steps as "
+                f"all shots together, masked to the weights they kept): rank {runs[0]['lora']['rank']}, "
+                f"{runs[0]['lora']['steps']} Adam steps per shot on the calibration windows"
+                if runs[0].get("lora") else ""),
              f"- Evaluation: {runs[0]['evaluation']}",
              f"- Command: `{command_line(out, runs)}`",
              f"- Machine: {runs[0]['machine']['platform']}, {runs[0]['machine']['cpus']} CPUs, torch "
